@@ -1,0 +1,107 @@
+"""The default job: a small MoE LM trained on the Python standard library's own source.
+
+Run:   python launch.py --config=configs/default.py --workdir=runs/default
+Reach: see README.md ("What the default run produces") for the measured time and validation
+       bits per byte on the 2-core CPU.
+
+Any field can be overridden, e.g. `--config.moe.num_experts=16`; unknown fields are an error.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = -1  # -1: take it from the tokenizer
+  c.model.d_model = 128  # D
+  c.model.num_layers = 4  # Transformer blocks
+  c.model.num_heads = 4  # attention heads
+  c.model.num_kv_heads = 4  # key/value heads (< num_heads: grouped-query attention)
+  c.model.head_dim = 32  # width of one head
+  c.model.d_ff = 512  # dense FFN width (dense blocks only)
+  c.model.max_len = 256  # longest sequence the model accepts
+  c.model.moe_interval = 1  # an MoE block every n-th block (1 = every block)
+  c.model.first_moe_layer = 0  # index of the first MoE block
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, router stay float32)
+  c.model.scan_layers = False  # nn.scan over blocks (needs moe_interval=1)
+  c.model.remat = False  # rematerialize blocks in the backward pass
+  c.model.norm = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
+  c.model.norm_eps = 1e-6  # normalization epsilon
+  c.model.positions = "rope"  # rope | learned (GPT-2)
+  c.model.rope_theta = 10000.0  # rotary base
+  c.model.mlp_activation = "swiglu"  # dense FFN: swiglu | gelu
+  c.model.attention_bias = False  # biases on attention and dense MLP projections (GPT-2)
+  c.model.tie_embeddings = False  # output layer shares the embedding matrix
+  c.model.sliding_window = config_dict.placeholder(int)  # attend to at most N previous tokens
+  c.model.logits_soft_cap = config_dict.placeholder(float)  # tanh cap on the logits
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.enabled = True  # False: every block is dense
+  c.moe.num_experts = 8  # E
+  c.moe.num_selected = 2  # K, experts per token
+  c.moe.expert_hidden = 256  # F, hidden width of one expert
+  c.moe.capacity_factor = config_dict.placeholder(float)  # training C factor; None = dropless
+  c.moe.capacity_factor = 1.25
+  c.moe.eval_capacity_factor = config_dict.placeholder(float)  # eval C factor; None = dropless
+  c.moe.eval_capacity_factor = 2.0
+  c.moe.min_capacity = 4  # C is at least this
+  c.moe.group_size = config_dict.placeholder(int)  # tokens per routing group; None = whole batch
+  c.moe.router = "token_choice"  # token_choice | expert_choice
+  c.moe.priority = "choice_major"  # choice_major | bpr (drop order on overflow)
+  c.moe.allow_noncausal_routing = False  # allow bpr / expert_choice in this causal decoder
+  c.moe.jitter_eps = 0.0  # router-input jitter U(1-eps, 1+eps), training only
+  c.moe.renormalize = True  # top-K weights divided by their sum
+  c.moe.num_shared_experts = 0  # always-on experts beside the routed ones
+  c.moe.expert_mlp = "swiglu"  # swiglu | gelu
+  c.moe.dispatch = "auto"  # auto | reference | einsum | gather | grouped | ragged
+  c.moe.load_balance_weight = 1e-2  # weight of L_bal
+  c.moe.z_loss_weight = 1e-3  # weight of L_z
+  c.moe.bias_balancing = False  # auxiliary-loss-free balancing bias
+  c.moe.bias_rate = 1e-3  # bias update rate u
+  c.moe.router_dtype = "float32"  # float32 | bfloat16 (ablation only)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600  # optimizer steps
+  c.train.batch_size = 16  # global batch (sequences)
+  c.train.learning_rate = 3e-3  # peak learning rate
+  c.train.warmup_steps = 60  # linear warmup
+  c.train.min_lr_ratio = 0.1  # cosine decays to peak * this
+  c.train.weight_decay = 0.1  # AdamW decoupled weight decay
+  c.train.b1 = 0.9  # Adam beta1
+  c.train.b2 = 0.95  # Adam beta2
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+  c.train.seed = 0  # params, dropout/jitter and data order
+  c.train.log_every = 20  # steps between metrics.jsonl records
+  c.train.eval_every = 200  # steps between evaluations (and at the end)
+  c.train.eval_batches = 8  # validation batches per evaluation
+  c.train.checkpoint_every = 200  # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 2  # keep the last N checkpoints
+  c.train.init_from = ""  # fine-tune: checkpoint dir/step to load params from ("" = scratch)
+  c.train.upcycle = False  # with init_from: turn a dense checkpoint into this MoE
+  c.train.upcycle_noise = 0.0  # relative noise added to upcycled expert copies
+  c.train.trainable = "all"  # all | non_moe | moe | router_frozen
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "pystdlib"  # pystdlib | pystdlib_test | textdir | any TFDS text dataset name
+  c.data.text_dir = ""  # data.name=textdir: folder of text files
+  c.data.tfds_data_dir = ""  # where TFDS datasets are prepared ("" = workdir/../tfds cache)
+  c.data.tokenizer = "byte"  # byte | sentencepiece
+  c.data.sp_vocab_size = 2048  # sentencepiece vocabulary size
+  c.data.seq_len = 256  # L, packed sequence length
+  c.data.validation_fraction = 0.05  # share of files held out (stable by path hash)
+  c.data.num_workers = 0  # grain worker processes (0 = in-process)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1 = fill the remaining devices)
+  c.mesh.fsdp = 1  # parameter-sharding axis size
+  c.mesh.expert = 1  # expert-parallel axis size (must divide num_experts)
+  c.mesh.tensor = 1  # tensor-parallel axis size (must divide F and the head count)
+  c.mesh.dcn_data = 1  # data-parallel factor across slices (multi-slice TPU)
+
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.shard = "0/1"  # this process runs members i, i+n, ... of a sweep (ablation configs)
+
+  return c

@@ -101,7 +101,4 @@ def get_config():
   c.mesh.tensor = 1  # tensor-parallel axis size (must divide F and the head count)
   c.mesh.dcn_data = 1  # data-parallel factor across slices (multi-slice TPU)
 
-  c.sweep = ml_collections.ConfigDict()
-  c.sweep.shard = "0/1"  # this process runs members i, i+n, ... of a sweep (ablation configs)
-
   return c

@@ -1,0 +1,83 @@
+"""Shared pieces of the ablation tables in this folder (not a table itself: no get_config).
+
+Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep.py`). Two scales:
+
+- `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 8 sequences a step, 500 steps) whose
+  whole table, three seeds, is meant to fit about an hour on the 2-core CPU. Measured single runs
+  (E=8 top-2, 200 steps: 63 s wall, of which 19 s compile and 11 s training; E=32 top-8, 250
+  steps: 72 s, 21 s compile, 23 s training) were taken with the machine's load average near 10,
+  so a run is mostly fixed cost; whole tables have not been timed yet (the report states the
+  training wall time it measured).
+- `accelerator`: D=512, 8 blocks, L=1024, 64 sequences a step, 20k steps: sizes worth a GPU/TPU.
+
+A member override value may be {"cpu": x, "accelerator": y} when it depends on the scale.
+"""
+
+import os
+
+import ml_collections
+
+from configs import default
+
+SEEDS = [0, 1, 2]
+
+CPU = {
+    "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2,
+    "model.head_dim": 32, "model.d_ff": 256, "model.max_len": 128, "data.seq_len": 128,
+    "moe.expert_hidden": 128,
+    "train.batch_size": 8, "train.steps": 500, "train.warmup_steps": 50, "train.log_every": 10,
+    "train.eval_every": 250, "train.eval_batches": 4, "train.checkpoint_every": 250,
+    "train.keep_checkpoints": 1,
+}
+ACCELERATOR = {
+    "model.d_model": 512, "model.num_layers": 8, "model.num_heads": 8, "model.num_kv_heads": 8,
+    "model.head_dim": 64, "model.d_ff": 2048, "model.max_len": 1024, "data.seq_len": 1024,
+    "moe.expert_hidden": 1024,
+    "train.batch_size": 64, "train.steps": 20000, "train.warmup_steps": 1000,
+    "train.learning_rate": 1e-3, "train.log_every": 50, "train.eval_every": 2000,
+    "train.eval_batches": 32, "train.checkpoint_every": 1000, "train.keep_checkpoints": 2,
+}
+
+
+def product(**axes):
+  """Cartesian product of axes given as {"name": [(path, value) or {path: value}, ...]}.
+
+  product(k=[{"moe.num_selected": 1}, {"moe.num_selected": 2}],
+          cf=[{"moe.capacity_factor": 1.0}, {"moe.capacity_factor": 2.0}])
+  -> 4 override dicts, the first axis varying slowest.
+  """
+  out = [{}]
+  for options in axes.values():
+    out = [{**o, **opt} for o in out for opt in options]
+  return out
+
+
+def make_config(file: str, *, title: str, paper: str, members: list, published: list,
+                metric: str = "eval_cross_entropy", higher_is_better: bool = False,
+                common: dict | None = None, cpu: dict | None = None,
+                accelerator: dict | None = None, eval_overrides: list | None = None,
+                notes: list | None = None, smoke_members=(0, 1)):
+  """The default config plus a `sweep` group; `common` applies at both scales."""
+  c = default.get_config()
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  s = ml_collections.ConfigDict()
+  s.title = title
+  s.paper = paper
+  s.config_file = os.path.relpath(os.path.abspath(file), root)
+  s.metric = metric
+  s.higher_is_better = higher_is_better
+  s.members = [dict(m) for m in members]
+  s.seeds = list(SEEDS)
+  s.scale = "cpu"
+  s.scales = [
+      {"name": "cpu", "overrides": {**CPU, **(common or {}), **(cpu or {})}},
+      {"name": "accelerator",
+       "overrides": {**ACCELERATOR, **(common or {}), **(accelerator or {})}},
+  ]
+  s.eval_overrides = list(eval_overrides or [])
+  s.published = [dict(p) for p in published]
+  s.notes = list(notes or [])
+  s.smoke = False
+  s.smoke_members = list(smoke_members)
+  c.sweep = s
+  return c

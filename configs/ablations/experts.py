@@ -1,0 +1,34 @@
+"""Number of experts at fixed compute per token: dense vs top-1 with E = 2, 4, 8, 16.
+
+Switch Transformer (Fedus, Zoph, Shazeer, JMLR 2022), Figure 4 left: at equal FLOPs per token,
+quality improves steadily as experts are added. The dense baseline's FFN width equals one
+expert's (both SwiGLU), so every member does the same active FLOPs.
+
+Run:  python launch.py --config=configs/ablations/experts.py --workdir=runs/experts
+CPU budget (estimated from single timed runs, see _base.py; the whole table is not timed yet):
+5 members x 3 seeds = 15 runs of 500 steps (~25 min estimated).
+"""
+
+from configs.ablations import _base
+
+
+def get_config():
+  dense = {"moe.enabled": False}
+  moes = [{"moe.num_experts": e} for e in (2, 4, 8, 16)]
+  members = [dense] + moes
+  return _base.make_config(
+      __file__,
+      title="Number of experts (top-1, equal FLOPs per token) vs a dense FFN",
+      paper="Fedus et al., Switch Transformers (JMLR 2022), Figure 4 (left)",
+      members=members,
+      # Top-1 everywhere; the dense FFN is as wide as one expert.
+      common={"moe.num_selected": 1},
+      cpu={"model.d_ff": _base.CPU["moe.expert_hidden"]},
+      accelerator={"model.d_ff": _base.ACCELERATOR["moe.expert_hidden"]},
+      published=[
+          {"claim": "more experts give lower loss at the same FLOPs per token, all beat dense",
+           "source": "Switch Transformer Fig. 4 left",
+           "order": [members.index(m) for m in reversed(moes)] + [members.index(dense)]},
+      ],
+      smoke_members=(0, 2),
+  )

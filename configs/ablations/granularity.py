@@ -1,0 +1,36 @@
+"""Expert granularity at fixed total and active parameters: E:K = 4:1, 8:2, 16:4, 32:8.
+
+F shrinks as E grows so that E*F (total expert parameters) and K*F (active) stay fixed.
+OLMoE (Muennighoff et al. 2024) Section 4.1 "expert granularity" (8 top-1 vs 32 top-4 vs
+64 top-8) and DeepSeekMoE (Dai et al. 2024, fine-grained expert segmentation): finer experts
+reach lower loss, with diminishing returns.
+
+Run:  python launch.py --config=configs/ablations/granularity.py --workdir=runs/granularity
+CPU budget (estimated from single timed runs, see _base.py; the whole table is not timed yet):
+4 members x 3 seeds = 12 runs of 500 steps (~20 min estimated; E=32 top-8 steps cost ~2x E=8 top-2).
+"""
+
+from configs.ablations import _base
+
+# F of the coarsest member (E=4); E*F = 4*F0 and K*F = F0 at every granularity.
+F0 = {"cpu": 256, "accelerator": 2048}
+
+
+def get_config():
+  members = [{"moe.num_experts": e, "moe.num_selected": e // 4,
+              "moe.expert_hidden": {s: f * 4 // e for s, f in F0.items()}}
+             for e in (4, 8, 16, 32)]
+  return _base.make_config(
+      __file__,
+      title="Expert granularity at equal total and active parameters (E:K = 4:1 .. 32:8)",
+      paper="Muennighoff et al., OLMoE (2024), Sec. 4.1 expert granularity; Dai et al., "
+            "DeepSeekMoE (2024), fine-grained expert segmentation",
+      members=members,
+      published=[
+          {"claim": "finer-grained experts (more, smaller, more of them active) give lower loss",
+           "source": "OLMoE Sec. 4.1; DeepSeekMoE", "order": [3, 2, 1, 0]},
+      ],
+      notes=["Each member keeps E*F and K*F fixed (see F0 in the config file); the router "
+             "and the dispatch grow with E, so tokens/s falls with granularity."],
+      smoke_members=(0, 3),
+  )

@@ -1,27 +1,46 @@
-"""The device mesh and the one table that maps logical axis names to mesh axes.
+"""The device mesh, the one table that maps logical axis names to mesh axes, and mesh validation.
 
 Parameters carry logical names through `nn.with_logical_partitioning`, activations through
-`nn.with_logical_constraint`; nothing else in the code names a mesh axis.
+`nn.with_logical_constraint`; nothing else in the code names a mesh axis (the expert-parallel
+MoE layer, `moe.expert_parallel`, reads its axes from this table too).
+
+Mesh axes (`cfg.mesh`): `data` (replicas), `fsdp` (replicas whose parameters are split on the
+model width D), `expert` (replicas whose routed experts are split on E) and `tensor` (the
+hidden widths F, d_ff, heads and vocabulary split). The batch is split over data*fsdp*expert:
+every device outside `tensor` holds its own rows. `mesh.dcn_data` says over how many slices
+(TPU multi-slice) or processes (other platforms) the `data` axis is spread; it changes device
+placement only, never the math.
+
+`activate(mesh)` is the context a trainer traces and runs its steps in: `jax.set_mesh(mesh)`
+(which also makes the mesh visible to `jax.shard_map` and to the MoE layer) plus Flax's logical
+rules (which make the activation constraints take effect).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Mesh axes the batch (and every token-shaped activation) is split over.
+BATCH_AXES = ("data", "fsdp", "expert")
 
-# Logical name -> mesh axis (or tuple of axes, or None = replicated). One table for everything.
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). One table for everything:
+# parameters, optimizer state (each leaf mirrors its parameter), activations and the data batch.
 LOGICAL_RULES = (
-    # Activations. Tokens are sharded by batch over every axis that is not a weight axis; inside
-    # the MoE layer the expert buffers are sharded over `expert` (the all-to-all between them).
-    ("batch", ("data", "fsdp", "expert")),
+    # Activations and the data batch ([B, L] arrays use ("batch", "length")). Tokens are sharded
+    # by batch over every axis that is not a weight axis; inside the MoE layer the routing groups
+    # [G, T, ...] stay on the device that holds their tokens ("act_group"), and the expert
+    # buffers [E, C, D] are sharded over `expert` (the all-to-all between the two layouts).
+    ("batch", BATCH_AXES),
+    ("act_group", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -30,7 +49,7 @@ LOGICAL_RULES = (
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
     ("act_capacity", None),
-    # Parameters.
+    # Parameters (and, through them, the optimizer state).
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -38,40 +57,142 @@ LOGICAL_RULES = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("expert", "expert"),
-    ("router_expert", None),  # router weights [D, E] stay whole on every device
+    ("router_expert", None),  # router weights [D, E] and the balancing bias [E] stay whole
     ("layers", None),  # the stacked axis of scanned blocks
     ("norm", None),
 )
 
 
+def rule(logical_name: str):
+  """The mesh axis (str, tuple of str, or None) that LOGICAL_RULES maps a logical name to."""
+  for name, axes in LOGICAL_RULES:
+    if name == logical_name:
+      return axes
+  raise KeyError(f"no logical axis rule for {logical_name!r}")
+
+
+def axes_tuple(axes) -> tuple[str, ...]:
+  """A rule's value as a tuple of mesh axis names (None -> ())."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Sizes of (data, fsdp, expert, tensor) from `cfg.mesh`; one axis may be -1 (fill)."""
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  sizes = {}
+  for a in MESH_AXES:
+    v = mesh_cfg[a]
+    if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1:
+      raise ConfigError(f"mesh.{a} must be an integer >= 1 or -1 (fill), got {v!r}")
+    sizes[a] = v
   fill = [a for a, s in sizes.items() if s == -1]
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ConfigError(f"mesh.{a} must be >= 1 or -1 (fill), got {s}")
   if len(fill) > 1:
-    raise ConfigError(f"only one mesh axis may be -1 (fill), got {fill}")
+    raise ConfigError(f"only one mesh axis may be -1 (fill), got mesh.{', mesh.'.join(fill)}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if num_devices % known:
-      raise ConfigError(f"mesh sizes {sizes} cannot fill {num_devices} devices: "
-                        f"{num_devices} is not divisible by {known}")
+      raise ConfigError(f"mesh.{fill[0]}=-1 cannot fill the device count {num_devices}: the "
+                        f"other mesh axes multiply to {known}, which does not divide it")
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise ConfigError(f"mesh.data*fsdp*expert*tensor = {math.prod(sizes.values())} "
-                      f"({sizes}) must equal the device count {num_devices}")
+                      f"({_fmt(sizes)}) must equal the device count {num_devices}")
   return sizes
 
 
+def _fmt(sizes: dict[str, int]) -> str:
+  return ", ".join(f"{a}={s}" for a, s in sizes.items())
+
+
+def _dcn_data(mesh_cfg) -> int:
+  v = mesh_cfg.get("dcn_data", 1) if hasattr(mesh_cfg, "get") else 1
+  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    raise ConfigError(f"mesh.dcn_data must be an integer >= 1, got {v!r}")
+  return v
+
+
+def validate_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+  """Every check of `cfg.mesh` against the devices and the model, before anything compiles.
+
+  Returns the mesh sizes. Raises ConfigError (one line naming the fields) when the mesh does not
+  multiply to the device count, `moe.num_experts` is not divisible by `mesh.expert`,
+  `train.batch_size` is not divisible by the data-parallel degree data*fsdp*expert (or by the
+  process count), `mesh.tensor` does not divide `moe.expert_hidden`, `model.d_ff`,
+  `model.num_heads` or `model.num_kv_heads`, `mesh.fsdp` does not divide `model.d_model`,
+  `mesh.dcn_data` does not divide `mesh.data`, or (MoE on a mesh of more than one device) the
+  routing group size does not divide the tokens each device holds (groups never cross devices,
+  see `moe.expert_parallel`).
+  """
+  sizes = mesh_shape(cfg.mesh, num_devices)
+  dcn = _dcn_data(cfg.mesh)
+  if sizes["data"] % dcn:
+    raise ConfigError(f"mesh.dcn_data ({dcn}) must divide mesh.data ({sizes['data']})")
+  shards = math.prod(sizes[a] for a in BATCH_AXES)
+  batch = cfg.train.batch_size
+  if not isinstance(batch, int) or batch < 1 or batch % shards:
+    raise ConfigError(f"train.batch_size ({batch}) must be divisible by the data-parallel degree "
+                      f"mesh.data*fsdp*expert = {shards} ({_fmt(sizes)})")
+  if batch % num_processes:
+    raise ConfigError(f"train.batch_size ({batch}) must be divisible by the process count "
+                      f"({num_processes})")
+  m = cfg.model
+  checks = [("model.d_ff", m.d_ff, "tensor"), ("model.num_heads", m.num_heads, "tensor"),
+            ("model.num_kv_heads", m.num_kv_heads, "tensor"),
+            ("model.d_model", m.d_model, "fsdp")]
+  moe_on = cfg.moe.get("enabled", True)
+  if moe_on:
+    e = cfg.moe.num_experts
+    if not isinstance(e, int) or e < 1 or e % sizes["expert"]:
+      raise ConfigError(f"moe.num_experts ({e}) must be divisible by mesh.expert "
+                        f"({sizes['expert']})")
+    checks.insert(0, ("moe.expert_hidden", cfg.moe.expert_hidden, "tensor"))
+  for name, value, axis in checks:
+    if isinstance(value, int) and value >= 1 and value % sizes[axis]:
+      raise ConfigError(f"mesh.{axis} ({sizes[axis]}) must divide {name} ({value})")
+  if moe_on and num_devices > 1:
+    local_tokens = batch // shards * cfg.data.seq_len
+    g = cfg.moe.get("group_size", None)
+    if g is not None and (not isinstance(g, int) or g < 1 or local_tokens % g):
+      raise ConfigError(f"moe.group_size ({g}) must divide the tokens each device routes, "
+                        f"train.batch_size/(mesh.data*fsdp*expert)*data.seq_len = "
+                        f"{batch}/{shards}*{cfg.data.seq_len} = {local_tokens} (routing groups "
+                        f"never cross devices), or be None (one group per device)")
+  return sizes
+
+
+def _has_granules(devices, attr: str) -> int:
+  return len({getattr(d, attr, None) for d in devices})
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The Mesh of `cfg.mesh` over `devices` (default: all), axes MESH_AXES.
+
+  `mesh.dcn_data` > 1: the `data` axis is laid out as dcn_data blocks, one per slice (devices
+  with a `slice_index`, TPU multi-slice) or else one per process (GPU/CPU hosts), through
+  `mesh_utils.create_hybrid_device_mesh`; the other axes stay inside a slice/process.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
+  dcn = _dcn_data(mesh_cfg)
+  if sizes["data"] % dcn:
+    raise ConfigError(f"mesh.dcn_data ({dcn}) must divide mesh.data ({sizes['data']})")
+  if dcn > 1:
+    by_slice = all(getattr(d, "slice_index", None) is not None for d in devices)
+    attr = "slice_index" if by_slice else "process_index"
+    granules = _has_granules(devices, attr)
+    if granules != dcn:
+      what = "slices" if by_slice else "processes"
+      raise ConfigError(f"mesh.dcn_data ({dcn}) must equal the number of {what} "
+                        f"({granules}) the devices span")
+    ici = (sizes["data"] // dcn,) + shape[1:]
+    dev = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1), devices,
+                                               process_is_granule=not by_slice)
+    return Mesh(dev, MESH_AXES)
   try:
     dev = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # CPU or irregular topologies: plain order.
+  except Exception:  # noqa: BLE001 - CPU or irregular topologies: plain order.
     dev = np.asarray(devices).reshape(shape)
   return Mesh(dev, MESH_AXES)
 
@@ -83,5 +204,18 @@ def logical_sharding(mesh: Mesh, logical_axes) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def logical_spec(logical_axes) -> P:
+  """PartitionSpec for these logical names (e.g. the in/out specs of a `jax.shard_map`)."""
+  return P(*(rule(a) if a is not None else None for a in logical_axes))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Trace and run under this mesh: `jax.set_mesh` plus Flax's logical axis rules."""
+  import flax.linen as nn
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield mesh

@@ -3,7 +3,8 @@ implementations (../shared/moe-spec.md, "Dispatch strategies").
 
     y[g, t] = sum_k [slot[g,t,k] >= 0] * combine_weights[g,t,k] * FFN_{expert_index[g,t,k]}(x[g,t])
 
-with FFN = (silu(x @ w_gate) * (x @ w_in)) @ w_out (swiglu) or gelu(x @ w_in) @ w_out (gelu).
+with FFN = (silu(x @ w_gate) * (x @ w_in)) @ w_out (swiglu) or gelu(x @ w_in) @ w_out (gelu, the
+tanh approximation, as in the dense MLP of moe/model.py and GPT-2, so upcycling is exact).
 An assignment with slot < 0 (dropped, or a padding token) contributes exactly zero, whatever its
 combine weight. Matmuls run in x's dtype (weights are cast); the sum over the K choices is
 accumulated in float32; the result has x's dtype. Every strategy is differentiable in x, the
@@ -65,7 +66,7 @@ def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = 
 def expert_ffn(x, w_in_DF, w_gate_DF, w_out_FD, activation: str):
   """One expert's FFN on rows x[..., D] (weights already in x's dtype)."""
   h = x @ w_in_DF
-  a = jax.nn.silu(x @ w_gate_DF) * h if activation == "swiglu" else jax.nn.gelu(h, approximate=False)
+  a = jax.nn.silu(x @ w_gate_DF) * h if activation == "swiglu" else jax.nn.gelu(h, approximate=True)
   return a @ w_out_FD
 
 
@@ -119,7 +120,7 @@ def _einsum(x_GTD, routing, w_in, w_gate, w_out, activation):
   if activation == "swiglu":
     a = jax.nn.silu(jnp.einsum("GECD,EDF->GECF", x_GECD, w_gate)) * h_GECF
   else:
-    a = jax.nn.gelu(h_GECF, approximate=False)
+    a = jax.nn.gelu(h_GECF, approximate=True)
   y_GECD = jnp.einsum("GECF,EFD->GECD", a, w_out)
   return jnp.einsum("GTEC,GECD->GTD", combine_GTEC, y_GECD, preferred_element_type=jnp.float32)
 
@@ -134,7 +135,7 @@ def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
   if activation == "swiglu":
     a = jax.nn.silu(jnp.einsum("ERD,EDF->ERF", x_ERD, w_gate)) * h
   else:
-    a = jax.nn.gelu(h, approximate=False)
+    a = jax.nn.gelu(h, approximate=True)
   y_ERD = jnp.einsum("ERF,EFD->ERD", a, w_out)
   w_NK = _masked_weights(routing).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
@@ -166,7 +167,7 @@ def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   if activation == "swiglu":
     a = jax.nn.silu(jax.lax.ragged_dot(x_RD, w_gate, counts)) * h
   else:
-    a = jax.nn.gelu(h, approximate=False)
+    a = jax.nn.gelu(h, approximate=True)
   y_RD = jax.lax.ragged_dot(a, w_out, counts)
   w_NK = _masked_weights(routing).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)

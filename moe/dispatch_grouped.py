@@ -26,7 +26,7 @@ import jax.numpy as jnp
 def _act_fwd(h_in, h_gate, activation):
   if activation == "swiglu":
     return jax.nn.silu(h_gate) * h_in
-  return jax.nn.gelu(h_in, approximate=False)
+  return jax.nn.gelu(h_in, approximate=True)
 
 
 def _act_bwd(h_in, h_gate, da, activation):
@@ -35,7 +35,7 @@ def _act_bwd(h_in, h_gate, da, activation):
     s = jax.nn.sigmoid(h_gate)
     silu = h_gate * s
     return da * silu, da * h_in * (s * (1 + h_gate * (1 - s)))
-  _, vjp = jax.vjp(lambda h: jax.nn.gelu(h, approximate=False), h_in)
+  _, vjp = jax.vjp(lambda h: jax.nn.gelu(h, approximate=True), h_in)
   return vjp(da)[0], None
 
 

@@ -14,11 +14,27 @@ A query that can see nothing (a padding token) gets a zero output instead of NaN
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from moe.config import ModelConfig
+
+
+def project(x, w, num_contract: int, preferred_element_type=None):
+  """x[..., c1..cn] contracted with w[c1..cn, o1..om] -> [..., o1..om], as ONE 2-D matmul.
+
+  Same result as the einsum, but XLA on CPU takes a much slower path for the weight gradient
+  of a 3-D einsum (measured 2x slower fwd+bwd for the default model's FFN); a reshape to
+  [tokens, features] is free. The trailing axes of x must be w's leading axes, in order.
+  """
+  lead = x.shape[:x.ndim - num_contract]
+  k = math.prod(w.shape[:num_contract])
+  out = w.shape[num_contract:]
+  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out)
 
 # Finite stand-in for -inf so a fully masked row stays NaN-free before we zero it.
 _MASKED = -1e30
@@ -85,7 +101,7 @@ class Attention(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     w = self.param(f"{name}_kernel", nn.with_logical_partitioning(kernel_init(fan_in_axes), names),
                    shape, jnp.float32)
-    y = jnp.einsum(eq, x, w.astype(dtype))
+    y = project(x, w.astype(dtype), len(fan_in_axes))  # == jnp.einsum(eq, x, w)
     if cfg.attention_bias:
       b_shape = shape[len(fan_in_axes):]
       b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros,

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.attention import Attention, kernel_init
+from moe.attention import Attention, kernel_init, project
 from moe.config import ConfigError, ModelConfig, validate_model
 from moe.layers import MoeLayer
 
@@ -91,7 +91,7 @@ class Mlp(nn.Module):
 
     def dense(name, shape, names, x, eq):
       w = self.param(name, _partitioned(kernel_init(), names), shape, jnp.float32)
-      y = jnp.einsum(eq, x, w.astype(dtype))
+      y = project(x, w.astype(dtype), 1)  # == jnp.einsum(eq, x, w)
       if cfg.attention_bias:
         b_name = "b" + name[1:]  # w_in -> b_in
         y = y + self.param(b_name, _partitioned(nn.initializers.zeros, names[-1:]), shape[-1:],
@@ -218,13 +218,13 @@ class Transformer(nn.Module):
 
     x_BLD = Norm(cfg, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, embedding.astype(dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BLV = project(x_BLD, embedding.astype(dtype).T, 1,
+                           preferred_element_type=jnp.float32)  # "bld,vd->blv"
     else:
       w_out = self.param("output_kernel", _partitioned(kernel_init(), ("embed", "vocab")),
                          (cfg.d_model, cfg.vocab_size), jnp.float32)
-      logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_out.astype(dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BLV = project(x_BLD, w_out.astype(dtype), 1,
+                           preferred_element_type=jnp.float32)  # "bld,dv->blv"
     logits_BLV = logits_BLV.astype(jnp.float32)
     if cfg.logits_soft_cap is not None:
       cap = cfg.logits_soft_cap

@@ -114,7 +114,7 @@ class Experts(nn.Module):
       w_gate = _param(self, "w_gate", init, ("expert", "embed", "mlp"), (e, d, f))
     w_out = _param(self, "w_out", init, ("expert", "mlp", "embed"), (e, f, d))
     cast = lambda w: None if w is None else w.astype(self.dtype)
-    ep = expert_parallel.context()
+    ep = expert_parallel.context(rows=x_GTD.shape[0])
     apply = dispatch.apply_experts if ep is None else ep.apply_experts
     y_GTD = apply(x_GTD.astype(self.dtype), routing, cast(w_in), cast(w_gate),
                                    cast(w_out), activation=self.expert_mlp,
@@ -185,7 +185,7 @@ class MoeLayer(nn.Module):
       mask_BL = jnp.asarray(padding_mask).astype(bool)
     e, k = cfg.num_experts, cfg.num_selected
 
-    ep = expert_parallel.context()
+    ep = expert_parallel.context(rows=b)
     group_size = cfg.group_size if ep is None else ep.routing_group_size(cfg.group_size, b, l)
     x_GTD, mask_GT, n = group_tokens(x_BLD, mask_BL, group_size)
     g, t, d = x_GTD.shape

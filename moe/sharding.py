@@ -161,7 +161,7 @@ def validate_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, in
   return sizes
 
 
-def _has_granules(devices, attr: str) -> int:
+def _count(devices, attr: str) -> int:
   return len({getattr(d, attr, None) for d in devices})
 
 
@@ -179,13 +179,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   if sizes["data"] % dcn:
     raise ConfigError(f"mesh.dcn_data ({dcn}) must divide mesh.data ({sizes['data']})")
   if dcn > 1:
-    by_slice = all(getattr(d, "slice_index", None) is not None for d in devices)
+    # Slices when the devices span several (TPU multi-slice), else processes (hosts).
+    by_slice = (all(getattr(d, "slice_index", None) is not None for d in devices)
+                and _count(devices, "slice_index") > 1)
     attr = "slice_index" if by_slice else "process_index"
-    granules = _has_granules(devices, attr)
+    granules = _count(devices, attr)
     if granules != dcn:
-      what = "slices" if by_slice else "processes"
-      raise ConfigError(f"mesh.dcn_data ({dcn}) must equal the number of {what} "
-                        f"({granules}) the devices span")
+      raise ConfigError(f"mesh.dcn_data ({dcn}) must equal the number of slices or processes "
+                        f"the devices span ({granules})")
     ici = (sizes["data"] // dcn,) + shape[1:]
     dev = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1), devices,
                                                process_is_granule=not by_slice)

@@ -64,10 +64,10 @@ def get_config():
   c.moe.router_dtype = "float32"  # float32 | bfloat16 (ablation only)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 600  # optimizer steps
+  c.train.steps = 500  # optimizer steps
   c.train.batch_size = 16  # global batch (sequences)
   c.train.learning_rate = 3e-3  # peak learning rate
-  c.train.warmup_steps = 60  # linear warmup
+  c.train.warmup_steps = 50  # linear warmup
   c.train.min_lr_ratio = 0.1  # cosine decays to peak * this
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay
   c.train.b1 = 0.9  # Adam beta1
@@ -75,9 +75,9 @@ def get_config():
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
   c.train.seed = 0  # params, dropout/jitter and data order
   c.train.log_every = 20  # steps between metrics.jsonl records
-  c.train.eval_every = 200  # steps between evaluations (and at the end)
+  c.train.eval_every = 100  # steps between evaluations (and at the end)
   c.train.eval_batches = 8  # validation batches per evaluation
-  c.train.checkpoint_every = 200  # steps between checkpoints (and at the end)
+  c.train.checkpoint_every = 100  # steps between checkpoints (and at the end)
   c.train.keep_checkpoints = 2  # keep the last N checkpoints
   c.train.init_from = ""  # fine-tune: checkpoint dir/step to load params from ("" = scratch)
   c.train.upcycle = False  # with init_from: turn a dense checkpoint into this MoE

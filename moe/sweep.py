@@ -59,7 +59,8 @@ METRICS_FILE = "metrics.jsonl"  # per run: written by the trainer
 # Smoke mode: applied last, so every table runs in seconds through the real trainer.
 SMOKE_OVERRIDES = {
     "model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 2,
-    "model.head_dim": 16, "model.d_ff": 64, "model.max_len": 32, "data.seq_len": 32,
+    "model.head_dim": 16, "model.d_ff": 64, "moe.expert_hidden": 64, "model.max_len": 32,
+    "data.seq_len": 32,
     "train.batch_size": 2, "train.steps": 4, "train.warmup_steps": 1, "train.log_every": 2,
     "train.eval_every": 4, "train.eval_batches": 1, "train.checkpoint_every": 4,
 }

@@ -45,6 +45,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "complete"],
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=complete: the text to continue.")
 _SHOW_ROUTING = flags.DEFINE_bool("show_routing", False,
                                   "--mode=complete: show which experts each token chose.")
+flags.DEFINE_integer("max_new_tokens", 128, "--mode=complete: most tokens to generate.")
+flags.DEFINE_float("temperature", 0.7, "--mode=complete: sampling temperature; 0 = greedy.")
+flags.DEFINE_float("top_p", 0.95, "--mode=complete: nucleus (top-p) probability mass.")
+flags.DEFINE_integer("seed", 0, "--mode=complete: sampling seed (same seed, same text).")
+flags.DEFINE_list("stop", [], "--mode=complete: stop strings, comma-separated (\\n allowed).")
 _SWEEP_SHARD = flags.DEFINE_string("sweep_shard", "0/1",
                                    "Sweep configs: run slice i of n ('i/n') of the sweep's runs.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,

@@ -208,8 +208,13 @@ def run(cfg) -> int:
       from moe import generate
       generate.main(flags.FLAGS)
       return 0
+    import jax
     from moe import train
     summary = train.train_and_evaluate(cfg, workdir)
+    if "eval_bits_per_byte" in summary and jax.process_index() == 0:
+      print(f"{summary.get('status')} at step {summary.get('step')}: validation bits per byte "
+            f"{summary['eval_bits_per_byte']:.4f}, cross-entropy "
+            f"{summary['eval_cross_entropy']:.4f} nats/token ({workdir}/summary.json)", flush=True)
     return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
   except (ConfigError, UserError) as e:
     fail(str(e))

@@ -64,7 +64,8 @@ def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = 
 
 
 def expert_ffn(x, w_in_DF, w_gate_DF, w_out_FD, activation: str):
-  """One expert's FFN on rows x[..., D] (weights already in x's dtype)."""
+  """One expert's FFN on rows x[..., D] (weights already in x's dtype); with stacked weights
+  [E, D, F] / [E, F, D] and x[..., E, R, D] it runs every expert on its rows (batched matmul)."""
   h = x @ w_in_DF
   a = jax.nn.silu(x @ w_gate_DF) * h if activation == "swiglu" else jax.nn.gelu(h, approximate=True)
   return a @ w_out_FD
@@ -116,12 +117,7 @@ def _einsum(x_GTD, routing, w_in, w_gate, w_out, activation):
   combine_GTEC = jnp.einsum("GTKE,GTKC,GTK->GTEC", onehot_e, onehot_c, _masked_weights(routing))
   dispatch_GTEC = jnp.einsum("GTKE,GTKC->GTEC", onehot_e, onehot_c).astype(x_GTD.dtype)
   x_GECD = jnp.einsum("GTEC,GTD->GECD", dispatch_GTEC, x_GTD)
-  h_GECF = jnp.einsum("GECD,EDF->GECF", x_GECD, w_in)
-  if activation == "swiglu":
-    a = jax.nn.silu(jnp.einsum("GECD,EDF->GECF", x_GECD, w_gate)) * h_GECF
-  else:
-    a = jax.nn.gelu(h_GECF, approximate=True)
-  y_GECD = jnp.einsum("GECF,EFD->GECD", a, w_out)
+  y_GECD = expert_ffn(x_GECD, w_in, w_gate, w_out, activation)  # batched over G and E
   return jnp.einsum("GTEC,GECD->GTD", combine_GTEC, y_GECD, preferred_element_type=jnp.float32)
 
 
@@ -131,12 +127,7 @@ def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
   C = routing.capacity
   layout = dispatch_rows.capacity_layout(routing.expert_index, routing.slot, E, C)
   x_ERD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout).reshape(E, G * C, D)
-  h = jnp.einsum("ERD,EDF->ERF", x_ERD, w_in)
-  if activation == "swiglu":
-    a = jax.nn.silu(jnp.einsum("ERD,EDF->ERF", x_ERD, w_gate)) * h
-  else:
-    a = jax.nn.gelu(h, approximate=True)
-  y_ERD = jnp.einsum("ERF,EFD->ERD", a, w_out)
+  y_ERD = expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
   w_NK = _masked_weights(routing).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
 

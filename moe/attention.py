@@ -96,12 +96,12 @@ class Attention(nn.Module):
   config: ModelConfig
   decode: bool = False
 
-  def _proj(self, name, shape, names, fan_in_axes, x, eq):
+  def _proj(self, name, shape, names, fan_in_axes, x):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     w = self.param(f"{name}_kernel", nn.with_logical_partitioning(kernel_init(fan_in_axes), names),
                    shape, jnp.float32)
-    y = project(x, w.astype(dtype), len(fan_in_axes))  # == jnp.einsum(eq, x, w)
+    y = project(x, w.astype(dtype), len(fan_in_axes))
     if cfg.attention_bias:
       b_shape = shape[len(fan_in_axes):]
       b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -118,9 +118,9 @@ class Attention(nn.Module):
     B, L, _ = x_BLD.shape
     x_BLD = x_BLD.astype(dtype)
 
-    q = self._proj("q", (D, H, Dh), ("embed", "heads", "head_dim"), (0,), x_BLD, "bld,dhk->blhk")
-    k = self._proj("k", (D, N, Dh), ("embed", "kv_heads", "head_dim"), (0,), x_BLD, "bld,dnk->blnk")
-    v = self._proj("v", (D, N, Dh), ("embed", "kv_heads", "head_dim"), (0,), x_BLD, "bld,dnk->blnk")
+    q = self._proj("q", (D, H, Dh), ("embed", "heads", "head_dim"), (0,), x_BLD)  # bld,dhk->blhk
+    k = self._proj("k", (D, N, Dh), ("embed", "kv_heads", "head_dim"), (0,), x_BLD)  # bld,dnk->blnk
+    v = self._proj("v", (D, N, Dh), ("embed", "kv_heads", "head_dim"), (0,), x_BLD)  # bld,dnk->blnk
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
     k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
@@ -156,6 +156,6 @@ class Attention(nn.Module):
                               cfg.sliding_window)
     out_BLHK = dot_product_attention(q, k, v, mask_BLS)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("batch", "length", "act_heads", None))
-    y_BLD = self._proj("o", (H, Dh, D), ("heads", "head_dim", "embed"), (0, 1), out_BLHK,
-                       "blhk,hkd->bld")
+    # blhk,hkd->bld
+    y_BLD = self._proj("o", (H, Dh, D), ("heads", "head_dim", "embed"), (0, 1), out_BLHK)
     return y_BLD

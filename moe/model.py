@@ -89,23 +89,23 @@ class Mlp(nn.Module):
     D, F = cfg.d_model, cfg.d_ff
     x_BLD = x_BLD.astype(dtype)
 
-    def dense(name, shape, names, x, eq):
+    def dense(name, shape, names, x):
       w = self.param(name, _partitioned(kernel_init(), names), shape, jnp.float32)
-      y = project(x, w.astype(dtype), 1)  # == jnp.einsum(eq, x, w)
+      y = project(x, w.astype(dtype), 1)
       if cfg.attention_bias:
         b_name = "b" + name[1:]  # w_in -> b_in
         y = y + self.param(b_name, _partitioned(nn.initializers.zeros, names[-1:]), shape[-1:],
                            jnp.float32).astype(dtype)
       return y
 
-    h_BLF = dense("w_in", (D, F), ("embed", "mlp"), x_BLD, "bld,df->blf")
+    h_BLF = dense("w_in", (D, F), ("embed", "mlp"), x_BLD)  # bld,df->blf
     if cfg.mlp_activation == "swiglu":
-      g_BLF = dense("w_gate", (D, F), ("embed", "mlp"), x_BLD, "bld,df->blf")
+      g_BLF = dense("w_gate", (D, F), ("embed", "mlp"), x_BLD)  # bld,df->blf
       h_BLF = _activation("swiglu", g_BLF) * h_BLF
     else:
       h_BLF = _activation("gelu", h_BLF)
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
-    return dense("w_out", (F, D), ("mlp", "embed"), h_BLF, "blf,fd->bld")
+    return dense("w_out", (F, D), ("mlp", "embed"), h_BLF)  # blf,fd->bld
 
 
 class Block(nn.Module):

@@ -18,8 +18,8 @@ import json
 import math
 import os
 
-from moe.sweep import (METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, describe_overrides,
-                       read_json)
+from moe.sweep import METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, read_json
+from moe.sweep_spec import describe_overrides
 
 # (key in summary.json / metrics.jsonl, column header, number format)
 COLUMNS = [
@@ -261,7 +261,7 @@ def render_markdown(data: dict, generated: str) -> str:
     "throughput.")
   if data["eval_names"]:
     avail = sw.get("extra_eval_available", True)
-    w(f"Extra evaluations of each finished checkpoint: "
+    w("Extra evaluations of each finished checkpoint: "
       + "; ".join(f"`{e['name']}` = {describe_overrides(e['overrides'])}"
                   for e in sw["eval_overrides"])
       + ("" if avail else " — NOT RUN: the trainer has no `moe.train.evaluate(cfg, workdir)`"))

@@ -12,6 +12,7 @@ import pytest
 
 from moe import checkpoint as ckpt_lib
 from moe import sweep as sw
+from moe import sweep_spec as spec
 from moe.config import ConfigError
 
 
@@ -87,8 +88,8 @@ def test_finetune_config(parent, tiny_config):
 @pytest.mark.parametrize("name", ["finetune_freeze", "upcycling"])
 def test_parent_tables_expand(name):
   module = importlib.import_module(f"configs.ablations.{name}")
-  table = sw.expand(module.get_config())
-  parent = sw.expand(module.get_config("parent"))
+  table = spec.expand(module.get_config())
+  parent = spec.expand(module.get_config("parent"))
   assert len(parent.runs) == 1  # one parent, shared by every seed
   want_dir = module.PARENT.split("/")
   assert [parent.members[0].name, f"seed{parent.runs[0].seed}"] == want_dir[-2:]
@@ -114,17 +115,17 @@ def test_parent_tables_expand(name):
 def test_upcycling_table_smoke_with_its_parent(tmp_path):
   """Both commands of the upcycling table, in smoke mode, through the real trainer."""
   from configs.ablations import upcycling
-  parent_cfg = sw.smoke_config(upcycling.get_config("parent"))
+  parent_cfg = spec.smoke_config(upcycling.get_config("parent"))
   parent_cfg.data.tfds_data_dir = str(tmp_path / "tfds")
   parent_cfg.data.name = "pystdlib_test"  # any text; keeps the smoke test short
   out = sw.run(parent_cfg, str(tmp_path / "parent"), log=lambda _: None)
   assert not out["failed"]
-  table = sw.smoke_config(upcycling.get_config())
+  table = spec.smoke_config(upcycling.get_config())
   table.data.tfds_data_dir = str(tmp_path / "tfds")
   table.data.name = "pystdlib_test"
   parent_dir = str(tmp_path / "parent" / "dense" / "seed0")
   # Smoke mode shrinks model.d_ff to 64 but not moe.expert_hidden: make them equal again.
-  smoke_width = sw.SMOKE_OVERRIDES["model.d_ff"]
+  smoke_width = spec.SMOKE_OVERRIDES["model.d_ff"]
   table.sweep.members = [
       {**{k: (parent_dir if k == "train.init_from" else v) for k, v in m.items()},
        "moe.expert_hidden": smoke_width} for m in table.sweep.members]

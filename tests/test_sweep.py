@@ -11,6 +11,7 @@ import pytest
 
 from configs import default
 from moe import sweep as sw
+from moe import sweep_spec as spec
 from moe.config import ConfigError, model_config_from, validate_model
 
 TABLES = ("experts", "granularity", "capacity", "balancing", "zloss", "routing")
@@ -78,12 +79,12 @@ def quiet(_):
 def test_tables_expand_to_valid_unique_members(name, scale):
   c = table_config(name)
   c.sweep.scale = scale
-  s = sw.expand(c, "/tmp/never_written")
+  s = spec.expand(c, "/tmp/never_written")
   names = [m.name for m in s.members]
   assert len(names) == N_MEMBERS[name] == len(set(names))
   keys = {json.dumps(sorted(m.overrides.items()), default=repr) for m in s.members}
   assert len(keys) == len(names)
-  assert all(sw.member_name(m.overrides) == m.name for m in s.members)
+  assert all(spec.member_name(m.overrides) == m.name for m in s.members)
   assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names)
   assert s.seeds == [0, 1, 2] and len(s.runs) == 3 * len(names)
   assert s.title and s.paper and s.published
@@ -104,38 +105,38 @@ def test_tables_expand_to_valid_unique_members(name, scale):
 
 
 def test_table_specifics():
-  gran = sw.expand(table_config("granularity"))
+  gran = spec.expand(table_config("granularity"))
   ek = [(r.cfg.moe.num_experts, r.cfg.moe.num_selected, r.cfg.moe.expert_hidden)
         for r in gran.runs[:4]]
   assert [(e, k) for e, k, _ in ek] == [(4, 1), (8, 2), (16, 4), (32, 8)]
   assert len({e * f for e, _, f in ek}) == 1 and len({k * f for _, k, f in ek}) == 1
-  cap = sw.expand(table_config("capacity"))
+  cap = spec.expand(table_config("capacity"))
   assert {(r.cfg.moe.num_selected, r.cfg.moe.capacity_factor) for r in cap.runs} == {
       (k, cf) for k in (1, 2) for cf in (0.75, 1.0, 1.25, 2.0, None)}
   assert all(r.cfg.moe.eval_capacity_factor == r.cfg.moe.capacity_factor for r in cap.runs)
   assert cap.eval_overrides == [{"name": "ecf2",
                                  "overrides": {"moe.eval_capacity_factor": 2.0}}]
-  exp = sw.expand(table_config("experts"))
+  exp = spec.expand(table_config("experts"))
   dense = next(r for r in exp.runs if r.member == "dense")
   assert not dense.cfg.moe.enabled and dense.cfg.model.d_ff == dense.cfg.moe.expert_hidden
   assert {r.cfg.moe.num_selected for r in exp.runs} == {1}
-  rout = sw.expand(table_config("routing"))
+  rout = spec.expand(table_config("routing"))
   ec = [r for r in rout.runs if r.cfg.moe.router == "expert_choice"]
   assert ec and all(r.cfg.moe.allow_noncausal_routing for r in ec)
   assert any("leak" in n for n in rout.notes)
-  z = sw.expand(table_config("zloss"))
+  z = spec.expand(table_config("zloss"))
   assert sum(r.cfg.train.learning_rate > 1e-2 for r in z.runs) == 9
   assert any(p["metric"] == "stable_fraction" for p in z.published)
 
 
 @pytest.mark.parametrize("name", TABLES)
 def test_smoke_mode_keeps_two_members_one_seed_tiny(name):
-  c = sw.smoke_config(table_config(name))
+  c = spec.smoke_config(table_config(name))
   assert not table_config(name).sweep.smoke  # the original is untouched
-  s = sw.expand(c)
+  s = spec.expand(c)
   assert len(s.members) == 2 and s.seeds == [0] and len(s.runs) == 2
   for r in s.runs:
-    assert r.cfg.train.steps == sw.SMOKE_OVERRIDES["train.steps"]
+    assert r.cfg.train.steps == spec.SMOKE_OVERRIDES["train.steps"]
     assert r.cfg.model.d_model == 32 and r.cfg.data.seq_len == 32
 
 
@@ -143,16 +144,16 @@ def test_smoke_mode_keeps_two_members_one_seed_tiny(name):
 
 
 def test_member_names_are_short_stable_slugs():
-  assert sw.member_name({"moe.num_selected": 2, "moe.capacity_factor": 1.25}) == "k2_cf1.25"
-  assert sw.member_name({"moe.capacity_factor": None}) == "cf-dropless"
-  assert sw.member_name({"moe.load_balance_weight": 1e-3}) == "lb1e-3"
-  assert sw.member_name({"moe.load_balance_weight": 0.0}) == "lb0"
-  assert sw.member_name({"moe.enabled": False}) == "dense"
-  assert sw.member_name({"moe.bias_balancing": True}) == "bias"
-  assert sw.member_name({"moe.router": "expert_choice"}) == "expert-choice"
-  assert sw.member_name({"train.warmup_steps": 7}) == "warmup-steps7"
-  assert sw.member_name({}) == "base"
-  assert sw.format_value(2.5e-4) == "2.5e-4" and sw.format_value(3e5) == "3e5"
+  assert spec.member_name({"moe.num_selected": 2, "moe.capacity_factor": 1.25}) == "k2_cf1.25"
+  assert spec.member_name({"moe.capacity_factor": None}) == "cf-dropless"
+  assert spec.member_name({"moe.load_balance_weight": 1e-3}) == "lb1e-3"
+  assert spec.member_name({"moe.load_balance_weight": 0.0}) == "lb0"
+  assert spec.member_name({"moe.enabled": False}) == "dense"
+  assert spec.member_name({"moe.bias_balancing": True}) == "bias"
+  assert spec.member_name({"moe.router": "expert_choice"}) == "expert-choice"
+  assert spec.member_name({"train.warmup_steps": 7}) == "warmup-steps7"
+  assert spec.member_name({}) == "base"
+  assert spec.format_value(2.5e-4) == "2.5e-4" and spec.format_value(3e5) == "3e5"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -191,12 +192,12 @@ def test_same_overrides_in_another_order_are_duplicates():
                           {"moe.num_experts": 4, "moe.num_selected": 1}])
   c.sweep.published = []
   with pytest.raises(ConfigError, match="same overrides as sweep.members\\[0\\]"):
-    sw.expand(c)
+    spec.expand(c)
 
 
 def test_no_sweep_group_is_an_error():
   with pytest.raises(ConfigError, match="no `sweep` group"):
-    sw.expand(default.get_config())
+    spec.expand(default.get_config())
 
 
 @pytest.mark.parametrize("shard", ["2/2", "-1/2", "1", "a/b", "0/0", "1/2/3", ""])
@@ -313,7 +314,7 @@ def test_existing_run_of_another_config_is_refused(tmp_path):
 def test_smoke_every_table_through_the_real_trainer(tmp_path, name):
   if importlib.util.find_spec("moe.train") is None:
     pytest.skip("moe/train.py does not exist yet (the trainer lands separately)")
-  c = sw.smoke_config(table_config(name))
+  c = spec.smoke_config(table_config(name))
   c.unlock()
   c.data.tfds_data_dir = str(tmp_path / "tfds")
   out = sw.run(c, str(tmp_path / name), log=quiet)
@@ -327,7 +328,7 @@ def test_real_trainer_resumes_an_interrupted_member(tmp_path):
   if importlib.util.find_spec("moe.train") is None:
     pytest.skip("moe/train.py does not exist yet (the trainer lands separately)")
   from moe import train
-  c = sw.smoke_config(table_config("experts"))
+  c = spec.smoke_config(table_config("experts"))
   c.unlock()
   c.data.tfds_data_dir = str(tmp_path / "tfds")
   stop = lambda cfg, wd: train.train_and_evaluate(cfg, wd, stop_at_step=2)  # noqa: E731

@@ -1,6 +1,6 @@
 """Shared pieces of the ablation tables in this folder (not a table itself: no get_config).
 
-Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep.py`). Two scales:
+Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep_spec.py`). Two scales:
 
 - `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 8 sequences a step, 500 steps) whose
   whole table, three seeds, is meant to fit about an hour on the 2-core CPU. Measured single runs

@@ -25,8 +25,8 @@ CPU = {
     "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2,
     "model.head_dim": 32, "model.d_ff": 256, "model.max_len": 128, "data.seq_len": 128,
     "moe.expert_hidden": 128,
-    "train.batch_size": 8, "train.steps": 500, "train.warmup_steps": 50, "train.log_every": 10,
-    "train.eval_every": 250, "train.eval_batches": 4, "train.checkpoint_every": 250,
+    "train.batch_size": 16, "train.steps": 1000, "train.warmup_steps": 100, "train.log_every": 20,
+    "train.eval_every": 500, "train.eval_batches": 16, "train.checkpoint_every": 500,
     "train.keep_checkpoints": 1,
 }
 ACCELERATOR = {

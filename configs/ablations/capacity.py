@@ -30,7 +30,10 @@ def get_config():
       paper="Fedus et al., Switch Transformers (2022), Table 1; Zoph et al., ST-MoE (2022), "
             "Table 8; Gale et al., MegaBlocks (2023) for dropless",
       members=members,
-      cpu={"train.steps": 400, "train.eval_every": 200, "train.checkpoint_every": 200},
+      # Unnormalized weights (Switch top-1) for both K: renormalizing one weight would make it 1
+      # and leave the top-1 router without a language-model gradient.
+      common={"moe.renormalize": False},
+      cpu={"train.steps": 800, "train.eval_every": 400, "train.checkpoint_every": 400},
       eval_overrides=[{"name": "ecf2", "overrides": {"moe.eval_capacity_factor": 2.0}}],
       published=[
           {"claim": "top-1: more training capacity (fewer drops) gives lower loss; dropless best",

@@ -22,7 +22,9 @@ def get_config():
       paper="Fedus et al., Switch Transformers (JMLR 2022), Figure 4 (left)",
       members=members,
       # Top-1 everywhere; the dense FFN is as wide as one expert.
-      common={"moe.num_selected": 1},
+      # Top-1 weights are the router probability itself (Switch): renormalizing one weight
+      # would make it 1 and leave the router without a language-model gradient.
+      common={"moe.num_selected": 1, "moe.renormalize": False},
       cpu={"model.d_ff": _base.CPU["moe.expert_hidden"]},
       accelerator={"model.d_ff": _base.ACCELERATOR["moe.expert_hidden"]},
       published=[

@@ -26,6 +26,9 @@ def get_config():
       paper="Muennighoff et al., OLMoE (2024), Sec. 4.1 expert granularity; Dai et al., "
             "DeepSeekMoE (2024), fine-grained expert segmentation",
       members=members,
+      # Unnormalized weights (OLMoE) at every granularity: renormalizing would give the top-1
+      # member a constant weight of 1 and no router gradient from the language-model loss.
+      common={"moe.renormalize": False},
       published=[
           {"claim": "finer-grained experts (more, smaller, more of them active) give lower loss",
            "source": "OLMoE Sec. 4.1; DeepSeekMoE", "order": [3, 2, 1, 0]},

@@ -32,7 +32,9 @@ def get_config():
       paper="Muennighoff et al., OLMoE (2024), Sec. 4.1; Dai et al., DeepSeekMoE (2024); "
             "Gale et al., MegaBlocks (2023)",
       members=members,
-      common={"moe.num_experts": 8, "moe.num_selected": 2},
+      # Unnormalized weights (OLMoE, DeepSeekMoE) for every member: renormalizing would give
+      # the shared member's single routed expert a constant weight of 1 and no router gradient.
+      common={"moe.num_experts": 8, "moe.num_selected": 2, "moe.renormalize": False},
       published=[
           {"claim": "dropless token choice beats expert choice", "source": "OLMoE Sec. 4.1",
            "order": [i(dropless), i(expert_choice)]},

@@ -48,7 +48,7 @@ from moe import train_step as step_lib
 from moe.config import ConfigError, model_config_from, validate_model
 from moe import sharding as sharding_lib
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
-from moe.train_checks import check_divisible, check_workdir, validate_config
+from moe.train_checks import check_divisible, check_workdir, config_warnings, validate_config
 
 SUMMARY_FILE = "summary.json"
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
@@ -88,6 +88,8 @@ def setup(cfg, workdir: str) -> Setup:
   """Phases 1-5: validate, mesh, data, shapes, shardings. Nothing is compiled here."""
   # 1. validate (static fields, workdir)
   validate_config(cfg)
+  for warning in config_warnings(cfg):
+    logging.warning("config: %s", warning)
   check_workdir(workdir)
   enable_compilation_cache(workdir)
   # 2. mesh (its sizes against the devices, batch, experts and widths first)

@@ -76,6 +76,18 @@ def validate_config(cfg) -> None:
   data_lib.validate_data(cfg, jax.process_index(), jax.process_count())
 
 
+def config_warnings(cfg) -> list[str]:
+  """Legal settings that are probably not what a researcher meant: one line each, logged."""
+  out = []
+  m = cfg.moe
+  if (m.get("enabled", True) and m.router == "token_choice" and m.num_selected == 1
+      and m.renormalize):
+    out.append("moe.num_selected=1 with moe.renormalize=True: every combine weight is 1, so the "
+               "router learns only from the auxiliary losses; Switch-style top-1 sets "
+               "moe.renormalize=False")
+  return out
+
+
 def check_workdir(workdir: str) -> None:
   """The workdir must be creatable and writable (a one-line error naming --workdir)."""
   if not workdir:

@@ -183,3 +183,12 @@ def test_launch_incompatible_checkpoint(tmp_path, tiny_config, tiny_flags):
   proc = run_launch(["--config=configs/default.py", f"--workdir={workdir}",
                      *tiny_flags({"moe.num_experts": 8})])
   assert_one_line_error(proc, "params/block_0/moe/experts/w_gate", "(4, 16, 16)", "(8, 16, 16)")
+
+
+def test_top1_renormalize_warns(tiny_config):
+  from moe.train_checks import config_warnings
+  (w,) = config_warnings(tiny_config({"moe.num_selected": 1, "moe.renormalize": True}))
+  assert "moe.renormalize" in w and "\n" not in w
+  assert config_warnings(tiny_config({"moe.num_selected": 1, "moe.renormalize": False})) == []
+  assert config_warnings(tiny_config({"moe.num_selected": 2})) == []
+  assert config_warnings(tiny_config({"moe.num_selected": 1, "moe.enabled": False})) == []

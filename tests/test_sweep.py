@@ -13,6 +13,7 @@ from configs import default
 from moe import sweep as sw
 from moe import sweep_spec as spec
 from moe.config import ConfigError, model_config_from, validate_model
+from moe.train_checks import config_warnings
 
 TABLES = ("experts", "granularity", "capacity", "balancing", "zloss", "routing")
 N_MEMBERS = {"experts": 5, "granularity": 4, "capacity": 10, "balancing": 6, "zloss": 9,
@@ -97,6 +98,7 @@ def test_tables_expand_to_valid_unique_members(name, scale):
       g, f = path.split(".")
       assert r.cfg[g][f] == v, (path, v)
     validate_model(model_config_from(r.cfg, vocab_size=259))
+    assert config_warnings(r.cfg) == [], r.member  # e.g. a top-1 router without a gradient
   for p in s.published:
     assert set(p["order"]) <= set(names) and len(p["order"]) >= 2
   if scale == "cpu":

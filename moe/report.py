@@ -84,8 +84,11 @@ def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
       v = next((_finite(r[k]) for r in reversed(records) if _finite(r.get(k)) is not None), None)
     values[k] = v
   values[STABLE] = {"completed": 1.0, "diverged": 0.0}.get(status)
-  curve = [(r["step"], _finite(r.get("loss"))) for r in records
-           if isinstance(r.get("step"), int) and _finite(r.get("loss")) is not None]
+  # Training cross-entropy (falls back to the total loss): members with and without auxiliary
+  # losses (dense vs MoE) stay comparable.
+  curve_key = "cross_entropy" if any("cross_entropy" in r for r in records) else "loss"
+  curve = [(r["step"], _finite(r.get(curve_key))) for r in records
+           if isinstance(r.get("step"), int) and _finite(r.get(curve_key)) is not None]
   extra = {}
   for name in eval_names:
     e = read_json(os.path.join(rundir, f"eval_{name}.json"))
@@ -338,8 +341,13 @@ def render_plot(data: dict, path: str) -> None:
       steps = sorted(by_step)
       ax_c.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=m["name"])
   ax_c.set_xlabel("step")
-  ax_c.set_ylabel("train loss (mean over seeds)")
-  ax_c.set_title("Training loss")
+  ax_c.set_ylabel("train cross-entropy (mean over seeds)")
+  ax_c.set_title("Training cross-entropy (no auxiliary losses)")
+  tail = [y for line in ax_c.lines for x, y in zip(line.get_xdata(), line.get_ydata())
+          if x >= 0.2 * max(line.get_xdata())]
+  if tail:  # the first steps' loss is far above the rest: zoom on where members differ
+    lo, hi = min(tail), max(tail)
+    ax_c.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
   if ax_c.lines:
     ax_c.legend(fontsize=7)
   metric, fmt = data["metric"], _fmt(data["metric"])

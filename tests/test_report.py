@@ -142,6 +142,15 @@ def test_curves_ignore_a_torn_last_line(sweep_dir):
   assert a["runs"][0]["curve"] == [(10, 3.0), (20, 2.5)]
 
 
+def test_curves_use_cross_entropy_when_logged(tmp_path):
+  w = str(tmp_path)
+  run_files(w, "a", 0, "completed", {"eval_cross_entropy": 1.0},
+            [{"step": 10, "loss": 3.2, "cross_entropy": 3.0},
+             {"step": 20, "loss": 2.7, "cross_entropy": 2.5}])
+  assert report.load_run(os.path.join(w, "a", "seed0"), [], [])["curve"] == [
+      (10, 3.0), (20, 2.5)]
+
+
 def test_compare_rule():
   assert report.compare((1.0, 0.1, 3), (2.0, 0.1, 3), False)[0] == "holds"
   assert report.compare((2.0, 0.1, 3), (1.0, 0.1, 3), False)[0] == "reversed"

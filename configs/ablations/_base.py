@@ -2,12 +2,10 @@
 
 Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep_spec.py`). Two scales:
 
-- `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 8 sequences a step, 500 steps) whose
-  whole table, three seeds, is meant to fit about an hour on the 2-core CPU. Measured single runs
-  (E=8 top-2, 200 steps: 63 s wall, of which 19 s compile and 11 s training; E=32 top-8, 250
-  steps: 72 s, 21 s compile, 23 s training) were taken with the machine's load average near 10,
-  so a run is mostly fixed cost; whole tables have not been timed yet (the report states the
-  training wall time it measured).
+- `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 16 sequences a step, 1000 steps,
+  16 validation batches). Every table, three seeds, ran on the 2-core CPU in 3 to 34 minutes
+  (measured 2026-11-29 with two tables running side by side; each table's docstring and the
+  README give its time). One 1000-step run took 49 to 110 s wall there.
 - `accelerator`: D=512, 8 blocks, L=1024, 64 sequences a step, 20k steps: sizes worth a GPU/TPU.
 
 A member override value may be {"cpu": x, "accelerator": y} when it depends on the scale.

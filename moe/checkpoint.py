@@ -190,11 +190,16 @@ def key_names(path) -> list[str]:
   return [_key_name(k) for k in path]
 
 
-def _named_leaves(tree):
-  """[(slash-joined path, leaf)] for array-like leaves (anything with a shape)."""
+def leaf_paths(tree) -> list[tuple[tuple[str, ...], object]]:
+  """[(path as a tuple of names, leaf)] for array-like leaves (anything with a shape)."""
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-  return [("/".join(key_names(path)), leaf) for path, leaf in leaves if hasattr(leaf, "shape")]
+  return [(tuple(key_names(path)), leaf) for path, leaf in leaves if hasattr(leaf, "shape")]
+
+
+def _named_leaves(tree):
+  """[(slash-joined path, leaf)] for array-like leaves (anything with a shape)."""
+  return [("/".join(path), leaf) for path, leaf in leaf_paths(tree)]
 
 
 def check_compatible(saved: dict[str, tuple], abstract_tree, *, where: str, fix: str,

@@ -29,24 +29,17 @@ import zlib
 import jax
 import numpy as np
 
+from moe import checkpoint as ckpt_lib
+from moe import layers
 from moe.config import ConfigError
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
 FRESH = ("router", "shared")  # sub-trees of an MoE layer that do not come from the dense FFN
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _flatten(tree) -> dict[tuple[str, ...], object]:
   """{path tuple: leaf} of a nested-dict tree (leaves: arrays or ShapeDtypeStructs)."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-  return {tuple(_key_name(k) for k in path): leaf for path, leaf in leaves}
+  return dict(ckpt_lib.leaf_paths(tree))
 
 
 def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
@@ -67,12 +60,14 @@ def _path_key(seed: int, path: tuple[str, ...]):
   return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(_name(path).encode()) & 0x7FFFFFFF)
 
 
-def fresh_init(shape, key, fan_in_axes: tuple[int, ...]) -> np.ndarray:
-  """Truncated Lecun-normal over `fan_in_axes` (the MoE layer's initializer), float32."""
-  import flax.linen as nn
-  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                          in_axis=fan_in_axes, out_axis=-1)
-  return np.asarray(init(key, tuple(shape), np.float32))
+def fresh_init(shape, key) -> np.ndarray:
+  """The MoE layer's initializer (truncated Lecun-normal over the fan-in axis -2), float32.
+
+  Leading axes (a scanned stack's layer axis) are batch axes: each [D, X] slice gets the
+  variance the unscanned layer's param gets, not one shrunk by the number of layers.
+  """
+  lead = tuple(range(len(shape) - 2))
+  return np.asarray(layers._init(len(shape) - 2, lead)(key, tuple(shape), np.float32))
 
 
 def _source_of(path: tuple[str, ...]):
@@ -118,7 +113,7 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
       if path in init:
         out[path] = np.asarray(init[path], np.float32)
       else:  # router [.., D, E], shared w_in/w_gate [.., D, SF], w_out [.., SF, D]: fan-in axis -2
-        out[path] = fresh_init(shape, _path_key(seed, path), (len(shape) - 2,))
+        out[path] = fresh_init(shape, _path_key(seed, path))
       if tuple(out[path].shape) != shape:
         raise ConfigError(f"upcycle: init param {_name(path)} has shape {out[path].shape}, "
                           f"the model needs {shape}")

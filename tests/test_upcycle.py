@@ -121,6 +121,18 @@ def test_scanned_stack():
   np.testing.assert_allclose(logits(m, up, toks), logits(d, dp, toks), rtol=1e-5, atol=1e-5)
 
 
+def test_fresh_router_has_the_layer_variance_in_a_scanned_stack():
+  # The layer axis of a scanned [layers, D, E] stack is not fan-in: each layer's slice gets the
+  # variance an unscanned router gets (1/D), not 1/(layers*D).
+  layers_, d_model, e = 8, 64, 16
+  w = upcycle.fresh_init((layers_, d_model, e), jax.random.key(0))
+  one = upcycle.fresh_init((d_model, e), jax.random.key(0))
+  assert w.shape == (layers_, d_model, e)
+  assert abs(float(np.std(w)) * np.sqrt(d_model) - 1.0) < 0.05
+  assert abs(float(np.std(w)) / float(np.std(one)) - 1.0) < 0.15
+  assert not np.array_equal(w[0], w[1])
+
+
 def test_shape_errors_are_one_line():
   d = dense_cfg()
   dp = jax.device_get(nn.unbox(dense_params(d)))

@@ -26,15 +26,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
+from bench_common import ROOT, command_line, loadavg, machine, versions, write_section
+
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
               "MALLOC_TOP_PAD_": "1000000000"}
 SECTION = "## MoE layer microbenchmark"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -170,10 +170,11 @@ def jax_moe_step(T, E, capacity_factor, strategy, group_size=None, seed=0):
 
 def torch_available():
   try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: F401
-    return True
+    import importlib
+    for name in ("torch", "transformers", "transformers.models.mixtral.modeling_mixtral"):
+      importlib.import_module(name)
+    return hasattr(sys.modules["transformers.models.mixtral.modeling_mixtral"],
+                   "MixtralSparseMoeBlock")
   except Exception:  # noqa: BLE001 - any import problem means "not available"
     return False
 
@@ -264,29 +265,6 @@ def scaling_table(points, repeats):
     print(fmt_row([T, E, resolved, f"{s['moe_ms']:.0f}", f"{s['dense_ms']:.0f}",
                    f"{s['ratio']:.2f}"]), flush=True)
   return rows
-
-
-def machine():
-  model = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}"
-
-
-def versions():
-  import flax
-  v = f"jax {jax.__version__}, flax {flax.__version__}, Python {platform.python_version()}"
-  if torch_available():
-    import torch
-    import transformers
-    v += f", torch {torch.__version__}, transformers {transformers.__version__}"
-  return v
 
 
 def render(meta, T, ratio_rows, t_rows, e_rows, load_before, load_after, wall_s):
@@ -390,28 +368,6 @@ def target_lines(ratio_rows, t_rows, e_rows):
   return lines
 
 
-def write_section(path, text):
-  """Replace the section (from its heading to the next '## ' heading) or append it."""
-  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  lines = old.splitlines(keepends=True)
-  start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-  if start is None:
-    new = old.rstrip("\n") + "\n\n" + text
-  else:
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-  with open(path, "w") as f:
-    f.write(new)
-
-
-def loadavg():
-  try:
-    return open("/proc/loadavg").read().split()[0]
-  except OSError:
-    return "?"
-
-
 def main():
   if args.from_json:
     with open(args.from_json) as f:
@@ -421,12 +377,13 @@ def main():
                   r["load_before"], r["load_after"], r["wall_s"])
     print(text)
     if args.output:
-      write_section(args.output, text)
+      write_section(args.output, SECTION, text)
     return
   t0 = time.perf_counter()
-  meta = {"command": "python experiments/bench_moe_layer.py " + " ".join(sys.argv[1:]),
+  meta = {"command": command_line(),
           "system_malloc": args.system_malloc, "date": datetime.date.today().isoformat(),
-          "machine": machine(), "versions": versions()}
+          "machine": machine(),
+          "versions": versions(("torch", "transformers") if torch_available() else ())}
   load_before = loadavg()
   if args.quick:
     T, experts, repeats = 512, (4, 16), args.repeats or 2
@@ -456,7 +413,7 @@ def main():
   text = render(meta, T, ratio_rows, t_rows, e_rows, load_before, load_after, wall_s)
   print("\n" + text)
   if args.output:
-    write_section(args.output, text)
+    write_section(args.output, SECTION, text)
     print(f"wrote section {SECTION!r} of {args.output}")
 
 

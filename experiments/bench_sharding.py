@@ -13,8 +13,8 @@ sends, its own share included); the other columns likewise for all-gather / all-
 reduce-scatter / collective-permute. The results go to the "Expert parallelism (8 simulated CPU
 devices)" section of BENCHMARKS.md (only that section is rewritten).
 
-The 8 "devices" are threads of one process sharing the machine's 2 cores: step times say how
-much work each layout costs in total here, not how it would scale on 8 real chips.
+The 8 "devices" are threads of one process sharing the machine's cores (os.cpu_count()): step
+times say how much work each layout costs in total here, not how it would scale on 8 real chips.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 
+from bench_common import ROOT, command_line, loadavg, machine, versions, write_section
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SECTION = "## Expert parallelism (8 simulated CPU devices)"
 MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 2, 4, 1), (2, 1, 2, 2), (1, 1, 8, 1)]
@@ -51,7 +51,11 @@ def parse_args(argv=None):
 
 
 def build(shape, capacity_factor):
-  """(compiled step, state, batch, hlo text) for one mesh and routing."""
+  """(compiled step, state, batch, hlo text, params) for one mesh and routing.
+
+  `params` are the initialized parameters before the step runs (the compiled step donates the
+  state, so read any shard of them before calling it).
+  """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -146,9 +150,10 @@ def render(rows, meta):
          f"`{meta['command']}`. Load average before/after: {meta['load'][0]} / {meta['load'][1]}.",
          "",
          "**The 8 devices are simulated** (`--xla_force_host_platform_device_count=8`): threads of "
-         "one process sharing the machine's 2 cores. Step times therefore measure the total work "
-         "of each layout here (collectives are memory copies), not how it scales on 8 real chips; "
-         "the byte counts are exact properties of the compiled program and carry over.", "",
+         f"one process sharing the machine's {meta['cpus']} cores. Step times therefore measure "
+         "the total work of each layout here (collectives are memory copies), not how it scales "
+         "on 8 real chips; the byte counts are exact properties of the compiled program and carry "
+         "over.", "",
          f"One train step (forward, backward, AdamW) of the real model: D={MODEL['d_model']}, "
          f"{MODEL['num_layers']} MoE blocks, E={MOE['num_experts']}, K={MOE['num_selected']}, "
          f"F={MOE['expert_hidden']}, batch {B} x {L} tokens, f32; routing groups of min(tokens per "
@@ -177,29 +182,12 @@ def render(rows, meta):
   return "\n".join(out)
 
 
-def write_section(path, text):
-  """Replace the section (from its heading to the next '## ' heading) or append it."""
-  old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  lines = old.splitlines(keepends=True)
-  start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-  if start is None:
-    new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-  else:
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + (
-        "\n" + "".join(lines[end:]) if end < len(lines) else "")
-  with open(path, "w") as f:
-    f.write(new)
-
-
 def main(argv=None):
   args = parse_args(argv)
   import jax
-  import flax
   assert jax.device_count() == 8, jax.devices()
   steps = args.steps or (2 if args.quick else 8)
-  load_before = os.getloadavg()[0]
+  load_before = loadavg()
   rows = []
   for dropless in (False, True):
     for shape in MESHES:
@@ -208,16 +196,13 @@ def main(argv=None):
       print(f"{shape} {'dropless' if dropless else 'cf1.25'}: {r['step_ms']:.0f} ms/step, "
             f"a2a {r['bytes'].get('all-to-all', 0)} B, {r['bytes']}, loss {r['loss']:.4f}",
             flush=True)
-  meta = {"date": datetime.date.today().isoformat(),
-          "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
-          "versions": f"jax {jax.__version__}, flax {flax.__version__}, "
-                      f"Python {platform.python_version()}",
-          "command": "python experiments/bench_sharding.py" + (" --quick" if args.quick else ""),
-          "load": (f"{load_before:.2f}", f"{os.getloadavg()[0]:.2f}"), "steps": steps}
+  meta = {"date": datetime.date.today().isoformat(), "machine": machine(),
+          "cpus": os.cpu_count(), "versions": versions(), "command": command_line(),
+          "load": (load_before, loadavg()), "steps": steps}
   text = render(rows, meta)
   print(text)
   if args.output:
-    write_section(args.output, text)
+    write_section(args.output, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from moe.config import ConfigError
 
 CONFIG_JSON = "config.json"
 CONFIG_PY = "config.py"
-TOKENIZER_DIR = "hf_tokenizer"  # moe.generate.HF_TOKENIZER_DIR
+TOKENIZER_DIR = "hf_tokenizer"  # beside a converted checkpoint; moe.generate reads it
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

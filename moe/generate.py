@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.config import ConfigError, model_config_from, validate_model
+# The tokenizer folder moe.convert writes beside a converted checkpoint (numpy-only import).
+from moe.convert import TOKENIZER_DIR as HF_TOKENIZER_DIR
 
-HF_TOKENIZER_DIR = "hf_tokenizer"  # written by moe.convert beside a converted checkpoint
 DEFAULTS = dict(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
 
 
@@ -243,11 +244,12 @@ class Generator:
         stopped = "eos"
         break
       ids.append(t)
-      text = self.tokenizer.decode(ids)
-      cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-      if cut >= 0:
-        text, stopped = text[:cut], "stop"
-        break
+      if stop:  # decoded per token only to look for a stop string
+        text = self.tokenizer.decode(ids)
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+          text, stopped = text[:cut], "stop"
+          break
       if i == budget - 1:
         stopped = "length" if budget == max_new_tokens else "cache"
         break
@@ -255,6 +257,8 @@ class Generator:
                                        jax.random.fold_in(base, i + 1), temperature, top_p)
       if capture_routing:
         routing.append(routing_per_layer(inter, 1))
+    if stopped != "stop":
+      text = self.tokenizer.decode(ids)
     merged = None
     if capture_routing and ids and stopped != "eos" and len(prompt_ids) + len(ids) <= cache_size:
       # Feed the last token once more, only to see how it is routed.
@@ -319,9 +323,6 @@ def routing_line(token_text: str, layers: list, index: int) -> str:
 
 def _one(gen: Generator, workdir: str, prompt: str, *, show_routing: bool, max_new_tokens: int,
          temperature: float, top_p: float, seed: int, stop, out) -> Completion:
-  if not prompt or not prompt.strip():
-    raise ConfigError("--prompt is empty: give some text to continue (or leave --prompt out for "
-                      "an interactive prompt)")
   c = gen.complete(gen.encode_prompt(prompt), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                    capture_routing=show_routing)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -13,6 +15,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+from moe.config import ConfigError  # noqa: E402  (after REPO is on sys.path; imports no jax)
 
 
 def pytest_configure(config):
@@ -34,6 +38,29 @@ def load_config_file(name: str = "default"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+@contextlib.contextmanager
+def one_line_error(*needles, exc=ConfigError, match=None):
+  """`pytest.raises(exc, match=match)` whose message is then one line containing each needle;
+  yields the ExceptionInfo (`str(e.value)` is the message)."""
+  with pytest.raises(exc, match=match) as e:
+    yield e
+  msg = str(e.value)
+  assert "\n" not in msg, msg
+  for n in needles:
+    assert n in msg, (n, msg)
+
+
+def read_metrics(workdir, drop_timing: bool = False) -> list[dict]:
+  """Every record of `workdir`/metrics.jsonl (a torn line fails the test); with drop_timing,
+  without the machine-dependent tokens_per_s and steps_per_s."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  if drop_timing:
+    records = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")}
+               for r in records]
+  return records
 
 
 def write_textdir(root: str, num_files: int = 24, seed: int = 0) -> str:

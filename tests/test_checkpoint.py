@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO
+from conftest import REPO, read_metrics
 from moe import checkpoint as ckpt_lib
 from moe.config import ConfigError
 
@@ -192,10 +192,6 @@ def _wait_for_step(proc, workdir, step, timeout=300):
   raise AssertionError("the run did not reach the step in time")
 
 
-def _final_params(workdir):
-  return ckpt_lib.load_params(workdir)
-
-
 def _assert_close(a, b):
   """Across processes: equal to float rounding. (Bitwise equality is what we get and what
   test_train.test_exact_resume asserts in one process; one run of this file under heavy machine
@@ -222,54 +218,53 @@ LONG = {"train.steps": 60, "train.log_every": 2, "train.eval_every": 30,
         "train.checkpoint_every": 4, "moe.bias_balancing": True, "moe.jitter_eps": 0.1}
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    recs = [json.loads(line) for line in f]
-  return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")} for r in recs]
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_flags, tiny_config):
+def _reference_and_run_until(tmp_path, tiny_config, tiny_flags, step):
+  """Trains LONG uninterrupted in this process (workdir tmp_path/ref), then starts it with
+  launch.py (tmp_path/run) and waits until that run has logged `step`: (ref, workdir, proc)."""
   from moe import train
   ref = str(tmp_path / "ref")
   train.train_and_evaluate(tiny_config(LONG), ref)
   workdir = str(tmp_path / "run")
   proc = _launch(workdir, tiny_flags(LONG))
-  _wait_for_step(proc, workdir, 10)
+  _wait_for_step(proc, workdir, step)
+  return ref, workdir, proc
+
+
+def _rerun_and_compare(ref, workdir, tiny_flags) -> str:
+  """Runs the same launch.py command again; it completes with the reference's final params and
+  metrics. Returns its stderr."""
+  proc = _launch(workdir, tiny_flags(LONG))
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["status"] == "completed"
+  _assert_close(ckpt_lib.load_params(ref), ckpt_lib.load_params(workdir))
+  _assert_same_records(read_metrics(ref, drop_timing=True),
+                       read_metrics(workdir, drop_timing=True))
+  return err
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_flags, tiny_config):
+  ref, workdir, proc = _reference_and_run_until(tmp_path, tiny_config, tiny_flags, 10)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
+  _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["status"] == "preempted" and 10 <= summary["step"] < 60, summary
   assert ckpt_lib.resolve(workdir)[1] == summary["step"]  # saved at the step it stopped
-  proc = _launch(workdir, tiny_flags(LONG))
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  with open(os.path.join(workdir, "summary.json")) as f:
-    assert json.load(f)["status"] == "completed"
-  _assert_close(_final_params(ref), _final_params(workdir))
-  _assert_same_records(_records(ref), _records(workdir))
+  _rerun_and_compare(ref, workdir, tiny_flags)
 
 
 @pytest.mark.slow
 def test_sigkill_then_same_command_completes_identically(tmp_path, tiny_flags, tiny_config):
-  from moe import train
-  ref = str(tmp_path / "ref")
-  train.train_and_evaluate(tiny_config(LONG), ref)
-  workdir = str(tmp_path / "run")
-  proc = _launch(workdir, tiny_flags(LONG))
-  _wait_for_step(proc, workdir, random.Random().randrange(2, 40, 2))
+  ref, workdir, proc = _reference_and_run_until(tmp_path, tiny_config, tiny_flags,
+                                                random.Random().randrange(2, 40, 2))
   time.sleep(random.Random().uniform(0.0, 0.05))  # a random moment: mid-step or mid-save
   proc.kill()
   proc.communicate(timeout=60)
   assert not os.path.exists(os.path.join(workdir, "summary.json"))  # it died mid-run
-  proc = _launch(workdir, tiny_flags(LONG))
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  err = _rerun_and_compare(ref, workdir, tiny_flags)
   assert "steps/s" in err and "ETA" in err  # the console progress line
-  with open(os.path.join(workdir, "summary.json")) as f:
-    assert json.load(f)["status"] == "completed"
-  _assert_close(_final_params(ref), _final_params(workdir))
-  _assert_same_records(_records(ref), _records(workdir))
   assert ckpt_lib.load_data_state(ref) == ckpt_lib.load_data_state(workdir)

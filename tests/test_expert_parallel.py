@@ -10,7 +10,6 @@ function. One-device references run either there (a plain call, no mesh) or in t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -304,10 +303,10 @@ TRAIN_OVERRIDES = {
 
 
 def read_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  from conftest import read_metrics
   return {r["step"]: {k: r[k] for k in ("loss", "cross_entropy", "aux_loss", "eval_loss",
-                                        "moe/dropped_fraction") if k in r} for r in records}
+                                        "moe/dropped_fraction") if k in r}
+          for r in read_metrics(workdir)}
 
 
 def case_trainer_runs(textdir, tfds_dir, root, dropless):

@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from test_expert_parallel import TRAIN_OVERRIDES
+from conftest import read_metrics
+from test_expert_parallel import TRAIN_OVERRIDES, read_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -64,16 +65,6 @@ def launch(args: list[str], devices: int, num_processes: int = 1, timeout: int =
   return outs
 
 
-def records(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def losses(workdir) -> dict[int, dict]:
-  keys = ("loss", "cross_entropy", "aux_loss", "eval_loss", "moe/dropped_fraction")
-  return {r["step"]: {k: r[k] for k in keys if k in r} for r in records(workdir)}
-
-
 def assert_same(got, want, what):
   assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
   for step, rec in want.items():
@@ -86,23 +77,22 @@ def test_two_processes_train_like_one_and_resume_on_another_mesh(tiny_flags, tmp
   # 1 process x 8 devices, expert-parallel mesh (data 2, expert 4).
   one = tmp_path / "one_process"
   launch(flags(tiny_flags, one, {"data": 2, "expert": 4}), devices=8)
-  want = losses(one)
+  want = read_losses(one)
   assert sorted(want) == list(range(1, STEPS + 1)) and "eval_loss" in want[STEPS]
   assert want[1]["moe/dropped_fraction"] > 0
 
   # 2 processes x 4 devices, the same mesh; the data axis spread over the processes
   # (mesh.dcn_data=2: each process holds one half of the data axis, all 4 expert shards).
   two = tmp_path / "two_processes"
-  outs = launch(flags(tiny_flags, two, {"data": 2, "expert": 4, "dcn_data": 2}), devices=4,
-                num_processes=2)
-  assert_same(losses(two), want, "2 processes x 4 devices")
-  # Only process 0 writes metrics: one record per step, and its progress lines only.
-  assert [r["step"] for r in records(two)] == list(range(1, STEPS + 1))
+  launch(flags(tiny_flags, two, {"data": 2, "expert": 4, "dcn_data": 2}), devices=4,
+         num_processes=2)
+  assert_same(read_losses(two), want, "2 processes x 4 devices")
+  # Only process 0 writes metrics: one record per step.
+  assert [r["step"] for r in read_metrics(two)] == list(range(1, STEPS + 1))
   with open(two / "summary.json") as f:
     summary = json.load(f)
   assert summary["processes"] == 2 and summary["devices"] == 8 and summary["status"] == "completed"
   assert summary["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-  del outs
   # Checkpoints written by both processes together: each process's data position.
   for step in (2, 4):
     data_dir = two / "checkpoints" / str(step) / "data"
@@ -114,7 +104,7 @@ def test_two_processes_train_like_one_and_resume_on_another_mesh(tiny_flags, tmp
   os.makedirs(resumed / "checkpoints")
   shutil.copytree(two / "checkpoints" / "2", resumed / "checkpoints" / "2")
   launch(flags(tiny_flags, resumed, {"data": 8}), devices=8)
-  got = losses(resumed)
+  got = read_losses(resumed)
   assert sorted(got) == list(range(3, STEPS + 1)), sorted(got)
   assert_same(got, {s: want[s] for s in got}, "resumed on (8,1,1,1)")
   with open(resumed / "summary.json") as f:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from moe import checkpoint as ckpt_lib
 from moe import metrics as metrics_lib
@@ -133,10 +133,6 @@ def global_batch(batch: dict, sharding) -> dict:
           for k in BATCH_KEYS}
 
 
-def _replicated(mesh):
-  return NamedSharding(mesh, P())
-
-
 def _opt_shardings(tx, abstract_params, param_shardings, mesh):
   """(abstract optimizer state, its shardings): a leaf that mirrors a param (Adam's mu and nu:
   its key path ends with the param's path and it has the param's shape) is sharded like the
@@ -154,7 +150,7 @@ def _opt_shardings(tx, abstract_params, param_shardings, mesh):
       hit = by_path.get(names[start:])
       if hit is not None and hit[0] == tuple(leaf.shape):
         return hit[1]
-    return _replicated(mesh)
+    return sharding_lib.replicated(mesh)
 
   return abstract_opt, jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
@@ -279,7 +275,7 @@ def _batch_shapes(cfg, s: Setup) -> dict:
 
 def _abstract_state(s: Setup, tx) -> tuple[dict, dict]:
   """The training state as ShapeDtypeStructs with shardings, and the shardings alone."""
-  rep = _replicated(s.mesh)
+  rep = sharding_lib.replicated(s.mesh)
   abstract_opt, opt_shardings = _opt_shardings(tx, s.abstract["params"], s.shardings["params"],
                                                s.mesh)
   shardings = {"step": rep, "params": s.shardings["params"], "opt_state": opt_shardings,
@@ -318,7 +314,7 @@ def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:
   variables = jax.jit(s.init_fn, out_shardings=s.shardings)(init_rng)
   params = variables["params"]
   if fresh and cfg.train.init_from:
-    params = _initial_params(cfg, s, params)
+    params = _initial_params(cfg, s)
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
   return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
           "params": params, "opt_state": opt_state, "moe_bias": variables["moe_bias"],
@@ -354,14 +350,12 @@ class _Loop:
         state, m = self.train_step(state, batch)
         self.step += 1
         self.window.append(m)
-        if not self._log_and_eval(state):
-          self.status = "diverged"
-          logging.warning("non-finite loss at step %d: stopping (status 'diverged')", self.step)
+        due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+        if not self._log_and_eval(state) or (due and not self._save(state)):
+          self._diverged()
           break
-        if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-          self._save(state)
-      if self.status == "preempted" and self.last_saved != self.step:
-        self._save(state)
+      if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
+        self._diverged()
     if self.status == "completed" and self.step == start_step and not self.last_eval:
       self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
                                 self.eval_batches)  # resumed a finished run: evaluate it
@@ -381,8 +375,6 @@ class _Loop:
       self.train_steps += len(host)
       self.window = []
       self.watch.restart()
-    elif step % tc.checkpoint_every == 0 and not _finite(self.window, "loss"):
-      return False  # never save a checkpoint of a diverged state
     if step % tc.eval_every == 0 or step == tc.steps:
       t0 = time.time()
       self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
@@ -395,11 +387,20 @@ class _Loop:
         self.log.progress(step, record, steps_per_s=record["steps_per_s"])
     return metrics_lib.is_finite_record(record)
 
-  def _save(self, state):
+  def _diverged(self):
+    self.status = "diverged"
+    logging.warning("non-finite loss at step %d: stopping (status 'diverged')", self.step)
+
+  def _save(self, state) -> bool:
+    """Saves a checkpoint of `state`; False (nothing saved) when a step since the last logging
+    window had a non-finite loss: a diverged state is never saved, whatever asked for it."""
+    if not _finite(self.window, "loss"):
+      return False
     t0 = time.time()
     self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state())
     self.last_saved = self.step
     self.watch.exclude(time.time() - t0)
+    return True
 
 
 def _finite(window, key: str) -> bool:
@@ -410,12 +411,12 @@ def _finite(window, key: str) -> bool:
   return bool(np.all(np.isfinite(vals)))
 
 
-def _initial_params(cfg, s: Setup, params):
+def _initial_params(cfg, s: Setup):
   """`train.init_from`: the params of another checkpoint (same architecture), or a dense
   checkpoint turned into this MoE model by `moe.upcycle` (`train.upcycle`)."""
   tc = cfg.train
   if tc.upcycle:
-    from moe import upcycle  # written separately; its presence was checked in validate
+    from moe import upcycle
     dense = ckpt_lib.load_params(tc.init_from)
     new = upcycle.upcycle_params(dense, s.abstract["params"], cfg)
     return jax.device_put(new, s.shardings["params"])

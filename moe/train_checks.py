@@ -7,7 +7,6 @@ params (still nothing compiled). The mesh itself is checked by `moe.sharding.val
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -60,9 +59,6 @@ def validate_config(cfg) -> None:
                         "upcycle)")
     if not cfg.moe.get("enabled", True):
       raise ConfigError("train.upcycle=True needs moe.enabled=True (the MoE model to build)")
-    if importlib.util.find_spec("moe.upcycle") is None:
-      raise ConfigError("train.upcycle=True needs moe/upcycle.py, which this checkout does "
-                        "not have")
   if t.init_from:
     try:
       ckpt_lib.resolve(t.init_from)

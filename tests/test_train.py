@@ -9,21 +9,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from conftest import read_metrics
 from moe import checkpoint as ckpt_lib
 from moe import train
 from moe import train_step as step_lib
+from moe.config import ConfigError
 
 # Exact resume with every source of state on: balancing bias, router jitter, drops.
 STATEFUL = {"moe.bias_balancing": True, "moe.bias_rate": 1e-2, "moe.jitter_eps": 0.1,
             "moe.capacity_factor": 1.0, "train.steps": 8, "train.log_every": 2,
             "train.eval_every": 4, "train.checkpoint_every": 4}
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_trains_and_logs_every_field(tiny_config, tmp_path):
@@ -119,10 +117,9 @@ def test_exact_resume(tiny_config, tmp_path):
   bias = a["moe_bias"]["block_0"]["moe"]["bias"]
   assert np.any(bias != 0)  # the bias really moved
   assert data_a == data_b
-  timing = ("tokens_per_s", "steps_per_s")
-  logged = lambda w: [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(w)]
-  assert [r["step"] for r in logged(full)] == [2, 4, 6, 8]
-  assert logged(full) == logged(split)
+  logged_full = read_metrics(full, drop_timing=True)
+  assert [r["step"] for r in logged_full] == [2, 4, 6, 8]
+  assert logged_full == read_metrics(split, drop_timing=True)
 
 
 def _abstract_like_saved(directory, step):
@@ -151,11 +148,24 @@ def test_init_from_loads_params_with_fresh_optimizer(tiny_config, tmp_path):
   b = ckpt_lib.load_params(dst)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert np.array_equal(x, y)
-  shapes = ckpt_lib.saved_state_shapes(*ckpt_lib.resolve(dst))
-  counts = [k for k in shapes if k.endswith("/count")]
-  assert counts  # the optimizer state is fresh: Adam's count is 0
   directory, step = ckpt_lib.resolve(dst)
   assert step == 0
+  counts = _saved_optimizer_counts(directory, step)
+  assert counts and all(c == 0 for c in counts.values()), counts  # a fresh optimizer state
+
+
+def _saved_optimizer_counts(directory, step) -> dict[str, np.ndarray]:
+  """{'opt_state/.../count': value} of a checkpoint (Adam's step counts), read as numpy."""
+  path = os.path.join(directory, str(step), ckpt_lib.STATE)
+  checkpointer = ocp.PyTreeCheckpointer()
+  meta = checkpointer.metadata(path).item_metadata.tree["opt_state"]
+  as_numpy = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  opt_state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"opt_state": meta}, restore_args={"opt_state": as_numpy},
+      partial_restore=True))["opt_state"]
+  named = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+  return {"opt_state/" + "/".join(ckpt_lib.key_names(p)): x for p, x in named
+          if ckpt_lib.key_names(p)[-1] == "count"}
 
 
 def test_divergence_is_a_status_not_a_crash(tiny_config, tmp_path):
@@ -165,6 +175,18 @@ def test_divergence_is_a_status_not_a_crash(tiny_config, tmp_path):
   assert summary["status"] == "diverged" and summary["step"] < 6
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["status"] == "diverged"
+
+
+def test_preempted_diverged_state_is_not_saved(tiny_config, tmp_path):
+  # Preempted between logging windows with a non-finite loss in the unlogged steps: the run is
+  # diverged and nothing is saved (the preemption save must not keep a NaN state).
+  cfg = tiny_config({"train.steps": 6, "train.learning_rate": 1e30, "train.grad_clip": 0.0,
+                     "train.warmup_steps": 0, "train.log_every": 6, "train.eval_every": 6,
+                     "train.checkpoint_every": 6})
+  summary = train.train_and_evaluate(cfg, str(tmp_path), stop_at_step=3)
+  assert summary["status"] == "diverged", summary
+  with pytest.raises(ConfigError):
+    ckpt_lib.resolve(str(tmp_path))
 
 
 def test_evaluate_with_other_eval_capacity(tiny_config, tmp_path):

@@ -112,7 +112,8 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
   return ModelConfig(moe=moe, **d)
 
 
-def _choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value, allowed) -> None:
+  """ConfigError (one line) unless `value` is one of `allowed`."""
   if value not in allowed:
     raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
@@ -140,11 +141,11 @@ def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> N
     raise ConfigError(f"{prefix}.min_capacity must be >= 0, got {m.min_capacity}")
   if m.group_size is not None:
     _positive(f"{prefix}.group_size", m.group_size)
-  _choice(f"{prefix}.router", m.router, ROUTERS)
-  _choice(f"{prefix}.priority", m.priority, PRIORITIES)
-  _choice(f"{prefix}.expert_mlp", m.expert_mlp, EXPERT_MLPS)
-  _choice(f"{prefix}.dispatch", m.dispatch, DISPATCHES)
-  _choice(f"{prefix}.router_dtype", m.router_dtype, DTYPES)
+  check_choice(f"{prefix}.router", m.router, ROUTERS)
+  check_choice(f"{prefix}.priority", m.priority, PRIORITIES)
+  check_choice(f"{prefix}.expert_mlp", m.expert_mlp, EXPERT_MLPS)
+  check_choice(f"{prefix}.dispatch", m.dispatch, DISPATCHES)
+  check_choice(f"{prefix}.router_dtype", m.router_dtype, DTYPES)
   if not 0.0 <= m.jitter_eps < 1.0:
     raise ConfigError(f"{prefix}.jitter_eps must be in [0, 1), got {m.jitter_eps}")
   if m.num_shared_experts < 0:
@@ -175,10 +176,10 @@ def validate_model(mc: ModelConfig) -> None:
                       f"({mc.num_heads})")
   if mc.first_moe_layer < 0:
     raise ConfigError(f"model.first_moe_layer must be >= 0, got {mc.first_moe_layer}")
-  _choice("model.dtype", mc.dtype, DTYPES)
-  _choice("model.norm", mc.norm, ("rms", "layer"))
-  _choice("model.positions", mc.positions, ("rope", "learned"))
-  _choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
+  check_choice("model.dtype", mc.dtype, DTYPES)
+  check_choice("model.norm", mc.norm, ("rms", "layer"))
+  check_choice("model.positions", mc.positions, ("rope", "learned"))
+  check_choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
   if mc.positions == "rope" and mc.head_dim % 2:
     raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")
   if mc.sliding_window is not None:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moe import dispatch_grouped, dispatch_rows
-from moe.config import DISPATCHES, EXPERT_MLPS, ConfigError
+from moe.config import DISPATCHES, EXPERT_MLPS, ConfigError, check_choice
 from moe.routing import Routing
 
 STRATEGIES = tuple(s for s in DISPATCHES if s != "auto")
@@ -51,8 +51,7 @@ AUTO = {
 
 def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = None) -> str:
   """The concrete strategy for a request. Raises ConfigError (one line) for bad requests."""
-  if strategy not in DISPATCHES:
-    raise ConfigError(f"moe.dispatch must be one of {list(DISPATCHES)}, got {strategy!r}")
+  check_choice("moe.dispatch", strategy, DISPATCHES)
   if strategy == "auto":
     backend = backend or jax.default_backend()
     with_capacity, dropless = AUTO.get(backend, AUTO["gpu"])
@@ -66,14 +65,13 @@ def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = 
 def expert_ffn(x, w_in_DF, w_gate_DF, w_out_FD, activation: str):
   """One expert's FFN on rows x[..., D] (weights already in x's dtype); with stacked weights
   [E, D, F] / [E, F, D] and x[..., E, R, D] it runs every expert on its rows (batched matmul)."""
-  h = x @ w_in_DF
-  a = jax.nn.silu(x @ w_gate_DF) * h if activation == "swiglu" else jax.nn.gelu(h, approximate=True)
-  return a @ w_out_FD
+  h_in = x @ w_in_DF
+  h_gate = x @ w_gate_DF if activation == "swiglu" else None
+  return dispatch_grouped.activate(h_in, h_gate, activation) @ w_out_FD
 
 
 def _check(x_GTD, routing: Routing, w_in, w_gate, w_out, activation):
-  if activation not in EXPERT_MLPS:
-    raise ConfigError(f"moe.expert_mlp must be one of {list(EXPERT_MLPS)}, got {activation!r}")
+  check_choice("moe.expert_mlp", activation, EXPERT_MLPS)
   if (activation == "swiglu") != (w_gate is not None):
     raise ValueError(f"apply_experts: activation={activation!r} "
                      f"{'needs' if activation == 'swiglu' else 'takes no'} w_gate")
@@ -89,15 +87,14 @@ def _check(x_GTD, routing: Routing, w_in, w_gate, w_out, activation):
                      f"got {w_in.shape}, {None if w_gate is None else w_gate.shape}, {w_out.shape}")
 
 
-def _masked_weights(routing: Routing):
+def masked_weights(combine_weights, slot):
   """Combine weights with every slot < 0 assignment forced to exactly 0 (float32)."""
-  w = routing.combine_weights.astype(jnp.float32)
-  return jnp.where(routing.slot >= 0, w, 0.0)
+  return jnp.where(slot >= 0, combine_weights.astype(jnp.float32), 0.0)
 
 
 def _reference(x_GTD, routing, w_in, w_gate, w_out, activation):
   E = w_in.shape[0]
-  w_GTK = _masked_weights(routing)
+  w_GTK = masked_weights(routing.combine_weights, routing.slot)
   y = jnp.zeros(x_GTD.shape, jnp.float32)
   for e in range(E):
     gate_e = None if w_gate is None else w_gate[e]
@@ -114,7 +111,8 @@ def _einsum(x_GTD, routing, w_in, w_gate, w_out, activation):
   # [G, T, K, E] x [G, T, K, C] -> [G, T, E, C]; dropped assignments have an all-zero slot row.
   onehot_e = jax.nn.one_hot(routing.expert_index, E, dtype=jnp.float32)
   onehot_c = jax.nn.one_hot(jnp.where(valid, routing.slot, -1), C, dtype=jnp.float32)
-  combine_GTEC = jnp.einsum("GTKE,GTKC,GTK->GTEC", onehot_e, onehot_c, _masked_weights(routing))
+  w_GTK = masked_weights(routing.combine_weights, routing.slot)
+  combine_GTEC = jnp.einsum("GTKE,GTKC,GTK->GTEC", onehot_e, onehot_c, w_GTK)
   dispatch_GTEC = jnp.einsum("GTKE,GTKC->GTEC", onehot_e, onehot_c).astype(x_GTD.dtype)
   x_GECD = jnp.einsum("GTEC,GTD->GECD", dispatch_GTEC, x_GTD)
   y_GECD = expert_ffn(x_GECD, w_in, w_gate, w_out, activation)  # batched over G and E
@@ -128,7 +126,7 @@ def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
   layout = dispatch_rows.capacity_layout(routing.expert_index, routing.slot, E, C)
   x_ERD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout).reshape(E, G * C, D)
   y_ERD = expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
-  w_NK = _masked_weights(routing).reshape(G * T, -1)
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
 
 
@@ -145,7 +143,7 @@ def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation):
   x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
   y_RD = dispatch_grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
                                       tile=tile, activation=activation)
-  w_NK = _masked_weights(routing).reshape(G * T, -1)
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 
@@ -154,13 +152,10 @@ def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   E = w_in.shape[0]
   layout, counts = dispatch_rows.packed_layout(routing.expert_index, routing.slot, E)
   x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
-  h = jax.lax.ragged_dot(x_RD, w_in, counts)
-  if activation == "swiglu":
-    a = jax.nn.silu(jax.lax.ragged_dot(x_RD, w_gate, counts)) * h
-  else:
-    a = jax.nn.gelu(h, approximate=True)
-  y_RD = jax.lax.ragged_dot(a, w_out, counts)
-  w_NK = _masked_weights(routing).reshape(G * T, -1)
+  h_in = jax.lax.ragged_dot(x_RD, w_in, counts)
+  h_gate = jax.lax.ragged_dot(x_RD, w_gate, counts) if activation == "swiglu" else None
+  y_RD = jax.lax.ragged_dot(dispatch_grouped.activate(h_in, h_gate, activation), w_out, counts)
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _act_fwd(h_in, h_gate, activation):
+def activate(h_in, h_gate, activation):
+  """The expert FFN's activation on the pre-activations x @ w_in and x @ w_gate:
+  silu(h_gate) * h_in (swiglu), or the tanh-approximate GELU of h_in (gelu; h_gate unused)."""
   if activation == "swiglu":
     return jax.nn.silu(h_gate) * h_in
   return jax.nn.gelu(h_in, approximate=True)
@@ -67,7 +69,7 @@ def _forward_loop(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out, tile, activ
     x_t = _slice_rows(x_RD, i, tile)
     h_in = x_t @ _expert(w_in, e)
     h_gate = x_t @ _expert(w_gate, e) if gated else None
-    y = _put_rows(y, _act_fwd(h_in, h_gate, activation) @ _expert(w_out, e), i, tile)
+    y = _put_rows(y, activate(h_in, h_gate, activation) @ _expert(w_out, e), i, tile)
     h_in_all = _put_rows(h_in_all, h_in, i, tile)
     if gated:
       h_gate_all = _put_rows(h_gate_all, h_gate, i, tile)
@@ -102,7 +104,7 @@ def _grouped_ffn_bwd(tile, activation, res, dy_RD):
     dy_t = _slice_rows(dy_RD, i, tile)
     h_in = _slice_rows(h_in_all, i, tile)
     h_gate = _slice_rows(h_gate_all, i, tile) if gated else None
-    act = _act_fwd(h_in, h_gate, activation)
+    act = activate(h_in, h_gate, activation)
     dw_out = _add_expert(dw_out, jax.lax.dot_general(act, dy_t, dims_t), e)
     d_act = jax.lax.dot_general(dy_t, _expert(w_out, e), dims_wt)
     d_in, d_gate = _act_bwd(h_in, h_gate, d_act, activation)

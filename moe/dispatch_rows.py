@@ -30,11 +30,11 @@ class RowLayout:
   row_of: jax.Array  # [A] int32, R where not placed
   row_assign: jax.Array  # [R] int32, A where empty
   num_rows: int = flax.struct.field(pytree_node=False)  # R
-  num_selected: int = flax.struct.field(pytree_node=False)  # K
 
 
 def _invert(row_of_A: jax.Array, num_rows: int) -> jax.Array:
-  """row_assign[R] from row_of[A]: an integer scatter of A entries (rows R are dropped)."""
+  """row_assign[R] from row_of[A]: an integer scatter of A entries (rows R are dropped).
+  With R = A it also inverts the other way: row_of[A] from row_assign[R]."""
   num_assign = row_of_A.shape[0]
   return jnp.full((num_rows,), num_assign, jnp.int32).at[row_of_A].set(
       jnp.arange(num_assign, dtype=jnp.int32), mode="drop")
@@ -42,13 +42,27 @@ def _invert(row_of_A: jax.Array, num_rows: int) -> jax.Array:
 
 def capacity_layout(expert_index_GTK, slot_GTK, num_experts: int, capacity: int) -> RowLayout:
   """Rows ordered (expert, group, slot): the buffer reshapes to [E, G*C, D] for free."""
-  G, T, K = expert_index_GTK.shape
+  G = expert_index_GTK.shape[0]
   g = jnp.arange(G, dtype=jnp.int32)[:, None, None]
   valid = slot_GTK >= 0
   R = num_experts * G * capacity
   row = (expert_index_GTK * G + g) * capacity + slot_GTK
   row_of = jnp.where(valid, row, R).reshape(-1).astype(jnp.int32)
-  return RowLayout(row_of, _invert(row_of, R), R, K)
+  return RowLayout(row_of, _invert(row_of, R), R)
+
+
+def sort_by_key(key_A, num_experts: int):
+  """Stable sort of A int32 keys in [0, E], E the sentinel of entries no expert counts.
+
+  Returns (order[A], rank[A] position of each *sorted* entry within its key's run (for the
+  sentinel: after all E runs), counts[E] entries per expert, key_sorted[A]).
+  """
+  order = jnp.argsort(key_A, stable=True).astype(jnp.int32)
+  key_sorted = key_A[order]
+  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[key_A].add(1)[:num_experts]
+  start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)])  # [E+1]
+  rank = jnp.arange(key_A.shape[0], dtype=jnp.int32) - start[key_sorted]
+  return order, rank, counts, key_sorted
 
 
 def sorted_counts(expert_index_GTK, slot_GTK, num_experts: int):
@@ -58,24 +72,16 @@ def sorted_counts(expert_index_GTK, slot_GTK, num_experts: int):
   counts[E] valid assignments per expert, key_sorted[A] expert of each sorted assignment or E).
   """
   key = jnp.where(slot_GTK >= 0, expert_index_GTK, num_experts).reshape(-1).astype(jnp.int32)
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  key_sorted = key[order]
-  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[key].add(1)[:num_experts]
-  start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)])  # [E+1]
-  rank = jnp.arange(key.shape[0], dtype=jnp.int32) - start[key_sorted]
-  return order, rank, counts, key_sorted
+  return sort_by_key(key, num_experts)
 
 
 def packed_layout(expert_index_GTK, slot_GTK, num_experts: int):
   """Rows = valid assignments sorted by expert, no gaps (R = A); returns (layout, counts[E])."""
-  K = expert_index_GTK.shape[-1]
   order, _, counts, key_sorted = sorted_counts(expert_index_GTK, slot_GTK, num_experts)
   A = order.shape[0]
   # Sorted position p holds assignment order[p]; invalid ones sort last and are left out.
   row_assign = jnp.where(key_sorted < num_experts, order, A).astype(jnp.int32)
-  row_of = jnp.full((A,), A, jnp.int32).at[row_assign].set(
-      jnp.arange(A, dtype=jnp.int32), mode="drop")
-  return RowLayout(row_of, row_assign, A, K), counts
+  return RowLayout(_invert(row_assign, A), row_assign, A), counts
 
 
 def tiled_layout(expert_index_GTK, slot_GTK, num_experts: int, tile: int):
@@ -84,7 +90,6 @@ def tiled_layout(expert_index_GTK, slot_GTK, num_experts: int, tile: int):
   R = tile * (ceil(A / tile) + E) is a static upper bound. Returns (layout, tile_expert[n_tiles]
   expert of each tile (clamped to E-1 past the used ones), num_used_tiles scalar int32).
   """
-  K = expert_index_GTK.shape[-1]
   order, rank, counts, key_sorted = sorted_counts(expert_index_GTK, slot_GTK, num_experts)
   A = order.shape[0]
   n_tiles = -(-A // tile) + num_experts
@@ -97,7 +102,7 @@ def tiled_layout(expert_index_GTK, slot_GTK, num_experts: int, tile: int):
   row_of = jnp.full((A,), R, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
   tile_expert = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right")
   tile_expert = jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32)
-  layout = RowLayout(row_of, _invert(row_of, R), R, K)
+  layout = RowLayout(row_of, _invert(row_of, R), R)
   return layout, tile_expert, tile_end[-1].astype(jnp.int32)
 
 

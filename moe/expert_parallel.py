@@ -75,12 +75,8 @@ class ExpertParallel:
     """The PartitionSpec LOGICAL_RULES gives these logical names, axes of size 1 left out
     (they split nothing, and naming them would make the shard_map treat values as varying
     over them)."""
-    out = []
-    for name in logical_axes:
-      axes = () if name is None else sharding.axes_tuple(sharding.rule(name))
-      axes = tuple(a for a in axes if self.mesh.shape[a] > 1)
-      out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*out)
+    return P(*(None if name is None else _axis_arg(_used_axes(self.mesh, name))
+               for name in logical_axes))
 
   @property
   def num_shards(self) -> int:
@@ -90,10 +86,12 @@ class ExpertParallel:
   # ------------------------------------------------------------------------------ grouping
 
   def routing_group_size(self, group_size: int | None, batch: int, length: int) -> int:
-    """T on this mesh: `group_size`, or the tokens of one device when None (see module doc)."""
+    """T on this mesh: `group_size`, or the tokens of one device when None (see module doc).
+
+    `batch` is divisible by the batch shards: this is only called on `context(rows=batch)`,
+    which is None for any other batch.
+    """
     s = self.num_shards
-    if batch % s:  # `context(batch)` returns None for such a batch
-      raise ValueError(f"the batch ({batch} rows) must be divisible by the {s} batch shards")
     local = batch // s * length
     if group_size is None:
       return local
@@ -134,16 +132,13 @@ class ExpertParallel:
   def apply_experts(self, x_GTD, routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,
                     activation: str, strategy: str = "auto"):
     """`moe.dispatch.apply_experts` semantics, experts split over the mesh (module doc)."""
+    capacity = routing.capacity
+    # Same errors as one device; the result is used by the dropless path only.
+    strategy = dispatch.resolve_strategy(strategy, capacity)
     E = w_in_EDF.shape[0]
     X = self.size(self.expert_axes)
     if E % X:
       raise ConfigError(f"moe.num_experts ({E}) must be divisible by mesh.expert ({X})")
-    capacity = routing.capacity
-    dropless_strategy = None
-    if capacity is None:
-      dropless_strategy = dispatch.resolve_strategy(strategy, None)
-    else:
-      dispatch.resolve_strategy(strategy, capacity)  # same errors as one device
     gated = w_gate_EDF_or_None is not None
     dtype = x_GTD.dtype
     expert_axis = _axis_arg(self.expert_axes)
@@ -157,24 +152,23 @@ class ExpertParallel:
       C = T if capacity is None else capacity
       lay = dispatch_rows.capacity_layout(expert_index, slot, E, C)
       x_ERD = dispatch_rows.dispatch_rows(x.reshape(G * T, D), lay).reshape(E, G * C, D)
-      occupied_ER = (lay.row_assign < expert_index.size).reshape(E, G * C)
       if expert_axis is not None:
         x_ERD = jax.lax.all_to_all(x_ERD, expert_axis, 0, 1, tiled=True)  # [E_l, X*G*C, D]
       w_in, w_out = w_in.astype(dtype), w_out.astype(dtype)
       w_gate = w_gate.astype(dtype) if gated else None
       if capacity is None:
+        occupied_ER = (lay.row_assign < expert_index.size).reshape(E, G * C)
         if expert_axis is not None:
           occupied_ER = jax.lax.all_to_all(occupied_ER, expert_axis, 0, 1, tiled=True)
         y_ERD = _occupied_rows_ffn(x_ERD, occupied_ER, w_in, w_gate, w_out, activation,
-                                   dropless_strategy)
+                                   strategy)
       else:
-        y_ERD = jax.vmap(dispatch.expert_ffn, in_axes=(0, 0, 0 if gated else None, 0, None))(
-            x_ERD, w_in, w_gate, w_out, activation)
+        y_ERD = dispatch.expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
       if tensor_axis is not None:
         y_ERD = jax.lax.psum(y_ERD, tensor_axis)
       if expert_axis is not None:
         y_ERD = jax.lax.all_to_all(y_ERD, expert_axis, 1, 0, tiled=True)  # [E, G*C, D]
-      w_NK = jnp.where(slot >= 0, weights.astype(jnp.float32), 0.0).reshape(G * T, -1)
+      w_NK = dispatch.masked_weights(weights, slot).reshape(G * T, -1)
       y_ND = dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, lay)
       return y_ND.reshape(G, T, D).astype(dtype)
 
@@ -189,6 +183,11 @@ class ExpertParallel:
         out_specs=tok, check_vma=capacity is not None)
     return call(x_GTD, routing.expert_index, routing.slot, routing.combine_weights,
                 w_in_EDF, w_gate, w_out_EFD)
+
+
+def _used_axes(mesh, logical: str) -> tuple[str, ...]:
+  """The mesh axes LOGICAL_RULES gives this logical name, those of size 1 left out."""
+  return tuple(a for a in sharding.axes_tuple(sharding.rule(logical)) if mesh.shape[a] > 1)
 
 
 def _axis_arg(axes: tuple[str, ...]):
@@ -230,12 +229,8 @@ def context(rows: int | None = None) -> ExpertParallel | None:
     return None
   if not set(sharding.MESH_AXES) <= set(mesh.axis_names):
     return None
-
-  def used(logical):
-    return tuple(a for a in sharding.axes_tuple(sharding.rule(logical)) if mesh.shape[a] > 1)
-
-  ep = ExpertParallel(mesh=mesh, batch_axes=used("act_group"), expert_axes=used("expert"),
-                      tensor_axes=used("mlp"))
+  ep = ExpertParallel(mesh=mesh, batch_axes=_used_axes(mesh, "act_group"),
+                      expert_axes=_used_axes(mesh, "expert"), tensor_axes=_used_axes(mesh, "mlp"))
   if rows is not None and rows % ep.num_shards:
     return None
   return ep

@@ -214,8 +214,8 @@ class MoeLayer(nn.Module):
     routing = (route(logits_GTE, mask_GT, bias_E) if ep is None
                else ep.route(route, logits_GTE, mask_GT, bias_E))
 
-    strategy = dispatch.resolve_strategy(cfg.dispatch, routing.capacity, jax.default_backend())
-    y_GTD = Experts(e, cfg.expert_hidden, cfg.expert_mlp, strategy, self.dtype,
+    # The strategy ("auto" included) is resolved, and a bad one refused, by apply_experts.
+    y_GTD = Experts(e, cfg.expert_hidden, cfg.expert_mlp, cfg.dispatch, self.dtype,
                     name="experts")(x_GTD, routing)
     y_BLD = y_GTD.reshape(g * t, d)[:n].reshape(b, l, d)
     if cfg.num_shared_experts:

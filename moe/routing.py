@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe import dispatch_rows
+
 TOKEN_CHOICE = "token_choice"
 EXPERT_CHOICE = "expert_choice"
 
@@ -117,11 +119,7 @@ def _buffer_positions(expert_TK, valid_TK, order_T, num_experts):
   """
   t, k = expert_TK.shape
   e_KT = jnp.where(valid_TK, expert_TK, num_experts)[order_T].T  # priority order
-  e_seq = e_KT.reshape(-1)
-  perm = jnp.argsort(e_seq, stable=True)
-  counts = jnp.zeros((num_experts + 1,), jnp.int32).at[e_seq].add(1)
-  starts = jnp.cumsum(counts) - counts
-  pos_sorted = jnp.arange(t * k, dtype=jnp.int32) - starts[e_seq[perm]]
+  perm, pos_sorted, _, _ = dispatch_rows.sort_by_key(e_KT.reshape(-1), num_experts)
   pos_seq = jnp.zeros((t * k,), jnp.int32).at[perm].set(pos_sorted)
   pos_TK = jnp.zeros((t, k), jnp.int32).at[order_T].set(pos_seq.reshape(k, t).T)
   return pos_TK

@@ -105,10 +105,13 @@ def _fmt(sizes: dict[str, int]) -> str:
   return ", ".join(f"{a}={s}" for a, s in sizes.items())
 
 
-def _dcn_data(mesh_cfg) -> int:
+def _dcn_data(mesh_cfg, sizes: dict[str, int]) -> int:
+  """mesh.dcn_data, checked: an integer >= 1 that divides mesh.data (`sizes` from mesh_shape)."""
   v = mesh_cfg.get("dcn_data", 1) if hasattr(mesh_cfg, "get") else 1
   if not isinstance(v, int) or isinstance(v, bool) or v < 1:
     raise ConfigError(f"mesh.dcn_data must be an integer >= 1, got {v!r}")
+  if sizes["data"] % v:
+    raise ConfigError(f"mesh.dcn_data ({v}) must divide mesh.data ({sizes['data']})")
   return v
 
 
@@ -125,9 +128,7 @@ def validate_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, in
   see `moe.expert_parallel`).
   """
   sizes = mesh_shape(cfg.mesh, num_devices)
-  dcn = _dcn_data(cfg.mesh)
-  if sizes["data"] % dcn:
-    raise ConfigError(f"mesh.dcn_data ({dcn}) must divide mesh.data ({sizes['data']})")
+  _dcn_data(cfg.mesh, sizes)
   shards = math.prod(sizes[a] for a in BATCH_AXES)
   batch = cfg.train.batch_size
   if not isinstance(batch, int) or batch < 1 or batch % shards:
@@ -175,9 +176,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  dcn = _dcn_data(mesh_cfg)
-  if sizes["data"] % dcn:
-    raise ConfigError(f"mesh.dcn_data ({dcn}) must divide mesh.data ({sizes['data']})")
+  dcn = _dcn_data(mesh_cfg, sizes)
   if dcn > 1:
     # Slices when the devices span several (TPU multi-slice), else processes (hosts).
     by_slice = (all(getattr(d, "slice_index", None) is not None for d in devices)

@@ -11,7 +11,7 @@ r"""Train a config, run a sweep, or complete a prompt with a trained model.
   `--config.moe.capacity_factor=None` (dropless): ml_collections cannot parse "None" for a typed
   field, so launch.py takes those flags out of argv before absl parses it and sets the fields
   right after (the config's validation then says if None is not allowed there).
-- A config with a top-level `sweep` group is a sweep (`moe.sweep.run`); `--sweep_shard=i/n`
+- A config with a top-level `sweep` group is a sweep (`moe.sweep.runner.run`); `--sweep_shard=i/n`
   runs the i-th of n round-robin slices, so n machines can share one sweep.
 - Several processes (multi-host): `--coordinator_address=host:port --num_processes=N
   --process_id=i` on each, or nothing at all under a cluster JAX detects itself (SLURM,
@@ -189,25 +189,25 @@ def cluster_launched() -> bool:
 
 
 def run(cfg) -> int:
-  from moe.config import ConfigError
+  from moe.errors import ConfigError
   try:
     maybe_initialize_distributed()
     workdir = _WORKDIR.value
     if "sweep" in cfg:
       if _MODE.value != "train":
         raise UserError("a sweep config runs with --mode=train only")
-      from moe import sweep
+      from moe.sweep import runner as sweep
       sweep.run(cfg, workdir, shard=_SWEEP_SHARD.value)
       return 0
     if _SWEEP_SHARD.value != "0/1":
       raise UserError(f"--sweep_shard={_SWEEP_SHARD.value} needs a sweep config (one with a "
                       "top-level `sweep` group)")
     if _MODE.value == "complete":
-      from moe import generate
+      from moe.inference import generate
       generate.main(flags.FLAGS)
       return 0
     import jax
-    from moe import train
+    from moe.train import trainer as train
     summary = train.train_and_evaluate(cfg, workdir)
     if "eval_bits_per_byte" in summary and jax.process_index() == 0:
       print(f"{summary.get('status')} at step {summary.get('step')}: validation bits per byte "

@@ -10,7 +10,7 @@ block_until_ready; after a warm-up, MoE and dense calls alternate and every rati
 of the per-pair ratios, so that load from other processes on a shared machine hits both sides
 alike. Wall time is the headline; CPU time of this process is reported beside it as a check that
 is less sensitive to other processes. The MoE time includes the router, the routing and the
-layer's metrics (the whole `moe.layers.MoeLayer`).
+layer's metrics (the whole `moe.layer.modules.MoeLayer`).
 
 Large [E, D, F] gradient buffers are freshly allocated on every call; with glibc's defaults each
 such buffer is mmap'ed and page-faulted in again every step, which costs more than the matmuls
@@ -69,11 +69,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe import dispatch, routing as routing_lib  # noqa: E402
-from moe.config import MoeConfig  # noqa: E402
+from moe.layer import dispatch
+from moe.layer import routing as routing_lib  # noqa: E402
+from moe.layer.config import MoeConfig  # noqa: E402
 
 try:
-  from moe.layers import MoeLayer  # noqa: E402
+  from moe.layer.modules import MoeLayer  # noqa: E402
 except ImportError:  # the layer not written yet: time router + routing + apply_experts directly
   MoeLayer = None
 

@@ -5,7 +5,7 @@ the bytes the compiled step moves through each kind of collective (read from the
     python experiments/bench_sharding.py --quick    # fewer steps, smoke test
 
 The script forces 8 host-platform devices (XLA_FLAGS) before JAX starts. It builds the real
-model (`moe.model.Transformer`) and the real train step (`moe.train_step.make_train_step`, AdamW,
+model (`moe.model.transformer.Transformer`) and the real train step (`moe.train.step.make_train_step`, AdamW,
 the MoE losses), places the state by `moe.sharding.LOGICAL_RULES`, compiles the step under
 `moe.sharding.activate(mesh)` and times it on a fixed random batch. "all-to-all bytes" is the sum
 of the result sizes of the step's all-to-all instructions on one device (the bytes that device
@@ -62,9 +62,10 @@ def build(shape, capacity_factor):
   import ml_collections
   import numpy as np
   from moe import sharding
-  from moe import train_step as step_lib
-  from moe.config import ModelConfig, MoeConfig
-  from moe.model import Transformer
+  from moe.train import step as step_lib
+  from moe.model.config import ModelConfig
+  from moe.layer.config import MoeConfig
+  from moe.model.transformer import Transformer
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape))))
   tokens_per_device = B // (shape[0] * shape[1] * shape[2]) * L
@@ -93,7 +94,7 @@ def build(shape, capacity_factor):
                       out_shardings=nn.unbox(shardings))(jax.random.key(0))
   params = variables["params"]
   # The optimizer state mirrors the params' shardings, exactly as the trainer lays it out.
-  from moe.train import _opt_shardings
+  from moe.train.trainer import _opt_shardings
   _, opt_sh = _opt_shardings(tx, jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params),
       jax.tree.map(lambda p: p.sharding, params), mesh)
@@ -112,7 +113,7 @@ def build(shape, capacity_factor):
 
 def measure(shape, capacity_factor, steps):
   import jax
-  from moe import expert_parallel
+  from moe.layer import expert_parallel
   t0 = time.perf_counter()
   compiled, state, batch, hlo, params = build(shape, capacity_factor)
   compile_s = time.perf_counter() - t0
@@ -160,7 +161,7 @@ def render(rows, meta):
          f"device, 256); capacity factor 1.25 or dropless (static bound C = T per group, see "
          f"`moe/expert_parallel.py`). Median of {meta['steps']} steps after one warm-up. Bytes: "
          f"per device per step, summed result sizes of the compiled step's collectives "
-         f"(`moe.expert_parallel.hlo_collectives`). 'expert shard' = one device's `w_in` block "
+         f"(`moe.layer.expert_parallel.hlo_collectives`). 'expert shard' = one device's `w_in` block "
          f"[E/expert, D/fsdp, F/tensor].", "",
          "| mesh (data, fsdp, expert, tensor) | routing | step ms | all-to-all | # a2a | "
          "all-gather | all-reduce | other | expert shard | compile s |",

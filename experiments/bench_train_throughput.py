@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from configs import default as default_cfg  # noqa: E402
 from configs import dense as dense_cfg  # noqa: E402
-from moe import train  # noqa: E402
+from moe.train import trainer as train  # noqa: E402
 
 HEADING = "## Training throughput: default MoE vs dense baseline"
 

@@ -2,7 +2,7 @@
 
 Parameters carry logical names through `nn.with_logical_partitioning`, activations through
 `nn.with_logical_constraint`; nothing else in the code names a mesh axis (the expert-parallel
-MoE layer, `moe.expert_parallel`, reads its axes from this table too).
+MoE layer, `moe.layer.expert_parallel`, reads its axes from this table too).
 
 Mesh axes (`cfg.mesh`): `data` (replicas), `fsdp` (replicas whose parameters are split on the
 model width D), `expert` (replicas whose routed experts are split on E) and `tensor` (the
@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moe.config import ConfigError
+from moe.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Mesh axes the batch (and every token-shaped activation) is split over.
@@ -125,7 +125,7 @@ def validate_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, in
   `model.num_heads` or `model.num_kv_heads`, `mesh.fsdp` does not divide `model.d_model`,
   `mesh.dcn_data` does not divide `mesh.data`, or (MoE on a mesh of more than one device) the
   routing group size does not divide the tokens each device holds (groups never cross devices,
-  see `moe.expert_parallel`).
+  see `moe.layer.expert_parallel`).
   """
   sizes = mesh_shape(cfg.mesh, num_devices)
   _dcn_data(cfg.mesh, sizes)

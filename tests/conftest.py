@@ -12,11 +12,13 @@ import tempfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+for _path in (REPO, TESTS):  # the package, and tiny_models / conftest for tests in subfolders
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
-from moe.config import ConfigError  # noqa: E402  (after REPO is on sys.path; imports no jax)
+from moe.errors import ConfigError  # noqa: E402  (after REPO is on sys.path; imports no jax)
 
 
 def pytest_configure(config):

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, load_config_file, one_line_error
-from moe import checkpoint as ckpt_lib
-from moe import train
-from moe import train_step as step_lib
+from moe.train import checkpoint as ckpt_lib
+from moe.train import trainer as train
+from moe.train import step as step_lib
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -131,8 +131,8 @@ def test_default_configs_validate():
 
 def test_dense_config_matches_active_params():
   """configs/dense.py: the same model with dense FFNs of width K*F (equal active FFN params)."""
-  from moe.config import model_config_from
-  from moe.model import active_params
+  from moe.model.config import model_config_from
+  from moe.model.transformer import active_params
   moe_cfg, dense_cfg = load_config_file("default"), load_config_file("dense")
   assert not dense_cfg.moe.enabled
   assert dense_cfg.model.d_ff == moe_cfg.moe.num_selected * moe_cfg.moe.expert_hidden
@@ -182,7 +182,7 @@ def test_launch_incompatible_checkpoint(tmp_path, tiny_config, tiny_flags):
 
 
 def test_top1_renormalize_warns(tiny_config):
-  from moe.train_checks import config_warnings
+  from moe.train.checks import config_warnings
   (w,) = config_warnings(tiny_config({"moe.num_selected": 1, "moe.renormalize": True}))
   assert "moe.renormalize" in w and "\n" not in w
   assert config_warnings(tiny_config({"moe.num_selected": 1, "moe.renormalize": False})) == []

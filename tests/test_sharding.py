@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config_file, one_line_error
-from moe import expert_parallel, sharding
-from moe.config import ConfigError
+from moe.layer import expert_parallel
+from moe import sharding
+from moe.errors import ConfigError
 
 
 def mesh_cfg(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1):
@@ -102,8 +103,8 @@ def test_expert_weights_and_tokens_land_on_the_spec_axes():
 
 def test_params_of_the_moe_model_all_have_rules():
   """Every logical name the real model attaches to a parameter maps through the table."""
-  from moe.config import model_config_from
-  from moe.model import Transformer
+  from moe.model.config import model_config_from
+  from moe.model.transformer import Transformer
   import jax.numpy as jnp
   cfg = config(**{"model.num_layers": 2, "model.d_model": 16, "model.head_dim": 8,
                   "moe.expert_hidden": 16})

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.config import ModelConfig, MoeConfig
-from moe.model import Transformer
+from moe.model.config import ModelConfig
+from moe.layer.config import MoeConfig
+from moe.model.transformer import Transformer
 
 B, L, V = 2, 11, 37
 

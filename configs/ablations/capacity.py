@@ -51,6 +51,6 @@ def get_config():
       ],
       notes=["Main columns: evaluated at the member's own capacity factor "
              "(eval_capacity_factor = capacity_factor). The '@ ecf2' column re-evaluates the same "
-             "final checkpoint with eval_capacity_factor=2.0 (needs moe.train.evaluate)."],
+             "final checkpoint with eval_capacity_factor=2.0 (needs moe.train.trainer.evaluate)."],
       smoke_members=(3, 4),
   )

@@ -1,0 +1,1 @@
+"""Hugging Face conversion: per-architecture parameter layouts and the `python -m moe.convert` CLI."""

@@ -1,0 +1,341 @@
+r"""Convert Hugging Face checkpoints to this project's format and back.
+
+  python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2 or Mixtral -> our checkpoint
+  python -m moe.convert --from=WORKDIR --to_hf=DIR      # our MoE checkpoint -> Mixtral folder
+        [--config=configs/x.py]                         # when WORKDIR has no config.json
+
+Import reads a local folder (`config.json` + `*.safetensors`, read with numpy: no PyTorch, no
+safetensors package; export writes the format the same way) and
+writes into WORKDIR:
+
+- `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`
+  and `params`, no optimizer state; data item empty), so
+  `launch.py --mode=complete --workdir=WORKDIR` and `--config.train.init_from=WORKDIR` load it;
+- `config.json`: the `model` and `moe` config groups that describe the architecture, plus where
+  it came from; `config.py`: a config file for launch.py (configs/default.py with those groups),
+  used as `--config=WORKDIR/config.py`;
+- `hf_tokenizer/`: the folder's `tokenizer.json` and its special token ids when present, which
+  `moe.inference.generate` then uses instead of the data config's tokenizer.
+
+Supported architectures: see `moe.convert.layouts.SUPPORTED`; anything else is a one-line error naming
+`model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
+`transformers.MixtralForCausalLM.from_pretrained` loads (Mixtral routes dropless with renormalized
+top-K: a model trained with a capacity factor computes the same except where it dropped tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import struct
+import sys
+
+import numpy as np
+
+from moe.convert import layouts as convert_hf
+from moe.errors import ConfigError
+
+CONFIG_JSON = "config.json"
+CONFIG_PY = "config.py"
+TOKENIZER_DIR = "hf_tokenizer"  # beside a converted checkpoint; moe.inference.generate reads it
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one .safetensors file as numpy arrays (bfloat16 via ml_dtypes).
+
+  The format: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
+  data_offsets}}, then the raw bytes. Read directly so bfloat16 needs no framework."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    base = 8 + n
+  data = np.memmap(path, dtype=np.uint8, mode="r")
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    code = info["dtype"]
+    if code == "BF16":
+      import ml_dtypes
+      dtype = np.dtype(ml_dtypes.bfloat16)
+    elif code in _DTYPES:
+      dtype = np.dtype(_DTYPES[code])
+    else:
+      raise ConfigError(f"{path}: tensor {name!r} has dtype {code}, which this converter cannot "
+                        f"read (supported: BF16, {', '.join(_DTYPES)})")
+    start, end = info["data_offsets"]
+    raw = data[base + start:base + end]
+    out[name] = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(info["shape"])
+  return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
+  """The inverse of `read_safetensors` for numpy dtypes (names sorted, offsets contiguous)."""
+  codes = {np.dtype(v): k for k, v in _DTYPES.items()}
+  header, offset, arrays = {}, 0, []
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(tensors[name])
+    if a.dtype not in codes:
+      raise ValueError(f"write_safetensors: {name} has unsupported dtype {a.dtype}")
+    header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for a in arrays:
+      f.write(a.tobytes())
+
+
+def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json, every tensor of every *.safetensors file) of a local HF model folder."""
+  cfg_path = os.path.join(folder, CONFIG_JSON)
+  if not os.path.isfile(cfg_path):
+    raise ConfigError(f"--from_hf={folder}: no config.json there (expected a Hugging Face model "
+                      "folder saved with save_pretrained)")
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if not files:
+    raise ConfigError(f"--from_hf={folder}: no *.safetensors files (PyTorch .bin checkpoints are "
+                      "not read: re-save with save_pretrained(safe_serialization=True))")
+  tensors = {}
+  for path in files:
+    tensors.update(read_safetensors(path))
+  return hf, tensors
+
+
+def architecture(hf: dict, where: str) -> str:
+  mt = hf.get("model_type")
+  if mt in convert_hf.IMPORTERS:
+    return mt
+  supported = ", ".join(f"{k} ({v})" for k, v in convert_hf.SUPPORTED.items())
+  raise ConfigError(f"{where}: model_type={mt!r} (architectures={hf.get('architectures')}) is "
+                    f"not supported; supported: {supported}")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _config_py(repo_relative_note: str) -> str:
+  return f'''"""Config of a checkpoint converted by moe.convert ({repo_relative_note}).
+
+configs/default.py with the `model` and `moe` groups of config.json beside this file.
+  python launch.py --config=<this file> --workdir=<this folder> --mode=complete --prompt='...'
+  python launch.py --config=<this file> --workdir=runs/ft --config.train.init_from=<this folder>
+"""
+
+import json
+import os
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")) as f:
+    spec = json.load(f)
+  for group in ("model", "moe"):
+    for key, value in spec[group].items():
+      c[group][key] = value
+  c.data.seq_len = min(c.data.seq_len, c.model.max_len)
+  return c
+'''
+
+
+def model_groups(model: dict, moe: dict | None) -> dict:
+  """The `model` / `moe` config groups (every field given, so defaults cannot leak in)."""
+  import dataclasses
+  from moe.model.config import ModelConfig
+  from moe.layer.config import MoeConfig
+  m = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)
+       if f.name != "moe"}
+  m.update(model)
+  if moe is None:
+    g = {"enabled": False}
+  else:
+    g = {f.name: getattr(MoeConfig(), f.name) for f in dataclasses.fields(MoeConfig)}
+    g.update(moe)
+    g["enabled"] = True
+  return {"model": m, "moe": g}
+
+
+def save_checkpoint(workdir: str, params) -> str:
+  """Writes `params` as step 0 in `workdir/checkpoints` (moe.train.checkpoint's format)."""
+  import jax
+  from moe.train import checkpoint as ckpt_lib
+  directory = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory)):
+    raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
+  state = {"step": np.zeros((), np.int32),
+           "params": jax.tree.map(lambda x: np.asarray(x, np.float32), params)}
+  ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
+  ck.save(0, state, {})
+  ck.close()
+  return directory
+
+
+def from_hf(folder: str, workdir: str) -> dict:
+  """Imports a HF folder into `workdir`; returns the config.json written."""
+  hf, tensors = read_hf_folder(folder)
+  arch = architecture(hf, f"--from_hf={folder}")
+  t = convert_hf.Tensors(tensors, f"--from_hf={folder} ({arch})")
+  model, moe, params = convert_hf.IMPORTERS[arch](hf, t)
+  left = t.unused()
+  if left:
+    raise ConfigError(f"--from_hf={folder}: {len(left)} tensor(s) have no place in the "
+                      f"converted model, e.g. {left[0]!r}")
+  spec = model_groups(model, moe)
+  # The config must describe exactly these params (checked before anything is written).
+  from moe.model.config import model_config_from, validate_model
+  import ml_collections
+  from moe.model.transformer import param_shapes
+  mc = model_config_from(ml_collections.ConfigDict(spec))
+  validate_model(mc)
+  want = {k: tuple(v.shape) for k, v in _flat(param_shapes(mc)).items()}
+  have = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
+  if want != have:
+    diff = sorted(set(want.items()) ^ set(have.items()))[0]
+    raise ConfigError(f"--from_hf={folder}: internal mismatch between converted params and the "
+                      f"model ({diff[0]}: {have.get(diff[0])} vs {want.get(diff[0])})")
+  os.makedirs(workdir, exist_ok=True)
+  save_checkpoint(workdir, params)
+  spec["source"] = {"from_hf": os.path.abspath(folder), "model_type": arch,
+                    "architectures": hf.get("architectures"),
+                    "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
+  with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
+    json.dump(spec, f, indent=1)
+  with open(os.path.join(workdir, CONFIG_PY), "w") as f:
+    f.write(_config_py(f"from {arch}"))
+  tok = os.path.join(folder, "tokenizer.json")
+  if os.path.isfile(tok):
+    dst = os.path.join(workdir, TOKENIZER_DIR)
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(tok, dst)
+    with open(os.path.join(dst, "special_tokens.json"), "w") as f:
+      json.dump({"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"),
+                 "pad_id": hf.get("pad_token_id")}, f)
+  return spec
+
+
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _load_config_file(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_convert_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _groups_of(workdir: str, config_file: str | None) -> dict:
+  path = os.path.join(workdir, CONFIG_JSON)
+  if config_file:
+    cfg = _load_config_file(config_file)
+    return {"model": dict(cfg.model), "moe": dict(cfg.moe)}
+  if os.path.isfile(path):
+    with open(path) as f:
+      spec = json.load(f)
+    if "model" in spec and "moe" in spec:
+      return {"model": spec["model"], "moe": spec["moe"]}
+  raise ConfigError(f"--from={workdir}: no config.json with `model` and `moe` groups there; "
+                    "pass --config=<the config file the run was trained with>")
+
+
+def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
+  """Exports the newest checkpoint in `workdir` as a Mixtral folder; returns its config.json."""
+  from moe.train import checkpoint as ckpt_lib
+  try:
+    ckpt_lib.resolve(workdir)
+  except ConfigError:
+    raise ConfigError(f"no checkpoint in {workdir}") from None
+  groups = _groups_of(workdir, config_file)
+  model, moe = dict(groups["model"]), dict(groups["moe"])
+  params = ckpt_lib.load_params(workdir)
+  if model.get("vocab_size", -1) in (-1, 0, None):
+    model["vocab_size"] = int(np.shape(params["embedding_table"])[0])
+  if moe.get("enabled", True) and moe.get("bias_balancing"):
+    raise ConfigError("--to_hf: moe.bias_balancing=True (a selection bias) has no Mixtral "
+                      "equivalent")
+  if model.get("scan_layers"):
+    stack = params["blocks"]
+    block = lambda i: _index(stack, i)  # noqa: E731
+  else:
+    block = lambda i: params[f"block_{i}"]  # noqa: E731
+  top = {k: v for k, v in params.items() if not k.startswith("block")}
+  config, tensors = convert_hf.params_to_mixtral(model, moe, block, top)
+  config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
+  source = os.path.join(workdir, CONFIG_JSON)
+  if os.path.isfile(source):
+    src = json.load(open(source)).get("source", {})
+    for k in ("bos_token_id", "eos_token_id"):
+      if k in src:
+        config[k] = src[k]
+  os.makedirs(out_dir, exist_ok=True)
+  write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+  with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
+    json.dump(config, f, indent=1)
+  tok = os.path.join(workdir, TOKENIZER_DIR, "tokenizer.json")
+  if os.path.isfile(tok):
+    shutil.copy(tok, out_dir)
+  return config
+
+
+def _index(tree, i):
+  return {k: (_index(v, i) if isinstance(v, dict) else np.asarray(v)[i]) for k, v in tree.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m moe.convert", description=__doc__.splitlines()[0])
+  p.add_argument("--from_hf", help="local Hugging Face model folder to import")
+  p.add_argument("--to", help="workdir to write the imported checkpoint into")
+  p.add_argument("--from", dest="src", help="our workdir to export (newest checkpoint)")
+  p.add_argument("--to_hf", help="folder to write the exported Hugging Face model into")
+  p.add_argument("--config", help="export: config file the run was trained with (when the "
+                                  "workdir has no config.json)")
+  a = p.parse_args(argv)
+  try:
+    if a.from_hf and a.to and not (a.src or a.to_hf):
+      spec = from_hf(a.from_hf, a.to)
+      print(f"converted {spec['source']['model_type']} from {a.from_hf} into {a.to} "
+            f"(config: {os.path.join(a.to, CONFIG_PY)})")
+    elif a.src and a.to_hf and not (a.from_hf or a.to):
+      to_hf(a.src, a.to_hf, a.config)
+      print(f"exported {a.src} as Mixtral into {a.to_hf}")
+    else:
+      raise ConfigError("give either --from_hf=DIR --to=WORKDIR or --from=WORKDIR --to_hf=DIR")
+  except ConfigError as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: text sources (TFDS), tokenizers, packing into rows, and the resumable grain pipeline."""

@@ -1,0 +1,327 @@
+"""The data pipeline: `make_data(cfg, workdir=...) -> Data`.
+
+1. `moe.data.sources` prepares the text dataset `data.name` with TFDS (array_record) in the data dir:
+   `data.tfds_data_dir`, or by default `<workdir>/../.tfds`, a folder beside the run folders so
+   every run of a project (and every seed of a sweep) shares one prepared copy.
+2. The tokenizer: bytes (`data.tokenizer="byte"`, vocab 259), or SentencePiece
+   (`"sentencepiece"`, `data.sp_vocab_size`), trained once on (a bounded sample of) the training
+   split and cached in `<data dir>/moe_tokenizers/`.
+3. Every split is tokenized and packed once into rows of `data.seq_len + 1` tokens
+   (`moe.data.packing`), stored as .npy files in `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/`
+   and memory-mapped. Packing does not depend on the seed, so runs share it.
+4. Training reads those rows through grain: shuffled with `train.seed` (a new permutation every
+   epoch), repeated forever, each global batch of `train.batch_size` consecutive rows of that
+   stream; process p of P takes rows [p*b, (p+1)*b) of every global batch (b = batch_size / P), so
+   the processes' local batches, concatenated in process order, are exactly the one-process batch.
+   The iterator's state is grain's (the index of the next global batch), JSON-serializable and
+   independent of the process count; `set_state` resumes with exactly the same batches.
+5. `Data.eval_batches()`: `train.eval_batches` global batches of validation rows drawn with a fixed
+   permutation (seed 0, not `train.seed`, so every run is evaluated on the same rows); rows are
+   reused cyclically if the split is smaller than that.
+
+A batch is a dict of numpy arrays [batch_size / process_count, seq_len]: inputs, targets,
+segment_ids, positions (int32), loss_mask, target_bytes (float32); see `moe.data.packing`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import grain
+import numpy as np
+
+from moe.data import sources as datasets
+from moe.data import packing
+from moe.data import tokenizers
+from moe.errors import ConfigError
+
+TOKENIZERS = ("byte", "sentencepiece")
+STATE_FORMAT = "moe.data/1"
+EVAL_SEED = 0  # the validation rows are the same for every train.seed
+
+
+def default_data_dir(workdir: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), ".tfds")
+
+
+def validate_data(cfg, process_index: int = 0, process_count: int = 1) -> None:
+  """One-line ConfigError naming the field, before anything is prepared."""
+  d, t = cfg.data, cfg.train
+  if not isinstance(d.name, str) or not d.name:
+    raise ConfigError(f"data.name={d.name!r} must be one of {', '.join(datasets.BUILTIN)} or a "
+                      "TFDS text dataset name")
+  if d.tokenizer not in TOKENIZERS:
+    raise ConfigError(f"data.tokenizer={d.tokenizer!r} must be one of {', '.join(TOKENIZERS)}")
+  if d.tokenizer == "sentencepiece" and not (
+      isinstance(d.sp_vocab_size, int) and tokenizers.MIN_SP_VOCAB <= d.sp_vocab_size <= 1 << 20):
+    raise ConfigError(f"data.sp_vocab_size={d.sp_vocab_size!r} must be an integer in "
+                      f"[{tokenizers.MIN_SP_VOCAB}, {1 << 20}]")
+  if not isinstance(d.seq_len, int) or d.seq_len < 1:
+    raise ConfigError(f"data.seq_len={d.seq_len!r} must be an integer >= 1")
+  max_len = cfg.get("model", {}).get("max_len", None) if hasattr(cfg, "get") else None
+  if isinstance(max_len, int) and max_len > 0 and d.seq_len > max_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={max_len}; positions "
+                      "restart per packed piece, so seq_len <= max_len is needed")
+  if not 0.0 < float(d.validation_fraction) < 1.0:
+    raise ConfigError(f"data.validation_fraction={d.validation_fraction!r} must be in (0, 1)")
+  if not isinstance(d.num_workers, int) or d.num_workers < 0:
+    raise ConfigError(f"data.num_workers={d.num_workers!r} must be an integer >= 0")
+  if not isinstance(process_count, int) or process_count < 1:
+    raise ConfigError(f"process_count={process_count!r} must be an integer >= 1")
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index!r} must be in [0, {process_count})")
+  if not isinstance(t.batch_size, int) or t.batch_size < 1 or t.batch_size % process_count:
+    raise ConfigError(f"train.batch_size={t.batch_size!r} must be a positive multiple of the "
+                      f"process count ({process_count})")
+  if not isinstance(t.eval_batches, int) or t.eval_batches < 0:
+    raise ConfigError(f"train.eval_batches={t.eval_batches!r} must be an integer >= 0")
+  if not isinstance(t.seed, int) or t.seed < 0:
+    raise ConfigError(f"train.seed={t.seed!r} must be an integer >= 0")
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def _make_tokenizer(d, source: datasets.TextSource, data_dir: str):
+  if d.tokenizer == "byte":
+    return tokenizers.ByteTokenizer(), "byte"
+  path = os.path.join(data_dir, "moe_tokenizers", f"{source.key}-sp{d.sp_vocab_size}.model")
+  try:
+    tok = tokenizers.load_or_train_sentencepiece(path, source.documents("train"),
+                                                 d.sp_vocab_size)
+  except ValueError as e:
+    raise ConfigError(f"data.sp_vocab_size={d.sp_vocab_size}: SentencePiece could not be trained "
+                      f"on data.name={d.name!r} ({e})") from None
+  digest = hashlib.sha256(tok.model_proto).hexdigest()[:8]
+  return tok, f"sp{d.sp_vocab_size}-{digest}"
+
+
+def _documents(tok, texts):
+  bos, eos = np.array([tok.bos_id], np.int32), np.array([tok.eos_id], np.int32)
+  chunk: list[str] = []
+
+  def encode(batch):
+    if hasattr(tok, "encode_many"):
+      return tok.encode_many(batch)
+    return [tok.encode_array(x) for x in batch]
+
+  for text in texts:
+    chunk.append(text)
+    if len(chunk) == 256:
+      for ids in encode(chunk):
+        yield np.concatenate([bos, ids, eos])
+      chunk = []
+  for ids in encode(chunk):
+    yield np.concatenate([bos, ids, eos])
+
+
+def _pack_splits(source, tok, tok_key: str, seq_len: int, data_dir: str) -> tuple[str, dict]:
+  """The folder of packed rows (built once, atomically) and its info."""
+  folder = os.path.join(data_dir, "moe_packed", source.key, f"{tok_key}-L{seq_len}")
+  if not os.path.exists(os.path.join(folder, "info.json")):
+    tmp = f"{folder}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    info = {}
+    for split in datasets.SPLITS:
+      rows, segs = packing.pack_documents(_documents(tok, source.documents(split)), seq_len + 1,
+                                          dtype)
+      np.save(os.path.join(tmp, f"{split}_tokens.npy"), rows)
+      seg_dtype = np.uint16 if seq_len + 1 < 1 << 16 else np.int32
+      np.save(os.path.join(tmp, f"{split}_segments.npy"), segs.astype(seg_dtype))
+      info[f"{split}_rows"] = int(rows.shape[0])
+      info[f"{split}_tokens"] = int((segs != 0).sum())  # split documents repeat one token
+      info[f"{split}_loss_tokens"] = int(((segs[:, :-1] == segs[:, 1:]) & (segs[:, 1:] != 0)).sum())
+      info[f"{split}_fill"] = float((segs != 0).mean()) if segs.size else 0.0
+    with open(os.path.join(tmp, "info.json"), "w") as f:
+      json.dump(info, f)
+    try:
+      os.rename(tmp, folder)
+    except OSError:  # another process finished first
+      shutil.rmtree(tmp, ignore_errors=True)
+  with open(os.path.join(folder, "info.json")) as f:
+    return folder, json.load(f)
+
+
+class PackedRows:
+  """Random access to packed rows as example dicts (memory-mapped .npy files)."""
+
+  def __init__(self, folder: str, split: str, bytes_per_id: np.ndarray):
+    self._args = (folder, split, bytes_per_id)
+    self._tokens = np.load(os.path.join(folder, f"{split}_tokens.npy"), mmap_mode="r")
+    self._segments = np.load(os.path.join(folder, f"{split}_segments.npy"), mmap_mode="r")
+    self._bytes = bytes_per_id
+
+  def __reduce__(self):  # grain worker processes reopen the files instead of copying them
+    return PackedRows, self._args
+
+  def __len__(self) -> int:
+    return int(self._tokens.shape[0])
+
+  def __getitem__(self, index):
+    return packing.row_to_example(self._tokens[index], self._segments[index], self._bytes)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _ProcessBlocks(grain.MapDataset):
+  """Element i of process p: element (i // b) * B + p * b + i % b of `parent` (an infinite map),
+  where b is the local and B = b * process_count the global batch size."""
+
+  def __init__(self, parent, local: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._local, self._index, self._count = local, process_index, process_count
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g, r = divmod(index, self._local)
+    return self._parent[(g * self._count + self._index) * self._local + r]
+
+  def __str__(self):
+    return f"ProcessBlocks(p={self._index}/{self._count}, b={self._local})"
+
+
+def _to_json(x):
+  if isinstance(x, bytes):
+    return {"__b64__": base64.b64encode(x).decode("ascii")}
+  if isinstance(x, dict):
+    return {str(k): _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def _from_json(x):
+  if isinstance(x, dict):
+    if set(x) == {"__b64__"}:
+      return base64.b64decode(x["__b64__"])
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  return x
+
+
+class TrainIterator:
+  """Infinite iterator of local training batches with a JSON-serializable, exact state."""
+
+  def __init__(self, dataset, identity: dict, num_workers: int):
+    self._dataset = dataset
+    self._identity = identity
+    self._num_workers = num_workers
+    it = dataset.to_iter_dataset()
+    if num_workers > 0:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+
+      if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    self._it = iter(it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    if self._num_workers > 0:  # plain arrays: grain's shared-memory blocks are released now
+      batch = {k: np.array(v) for k, v in batch.items()}
+    return batch
+
+  def close(self) -> None:
+    """Stops grain's worker processes (data.num_workers > 0); call before exiting."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+  def get_state(self) -> dict[str, Any]:
+    return {"format": STATE_FORMAT, **self._identity, "grain": _to_json(self._it.get_state())}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    state = json.loads(json.dumps(state))  # accept anything JSON round-trips to
+    if state.get("format") != STATE_FORMAT:
+      raise ValueError(f"data iterator state has format {state.get('format')!r}, "
+                       f"expected {STATE_FORMAT!r}")
+    for k, v in self._identity.items():
+      if state.get(k) != v:
+        raise ValueError(f"data iterator state was saved with {k}={state.get(k)!r}, this run "
+                         f"has {k}={v!r}")
+    self._it.set_state(_from_json(state["grain"]))
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any
+  train_iter: TrainIterator
+  info: dict
+  _eval: list
+
+  def eval_batches(self) -> list[dict[str, np.ndarray]]:
+    """The same `train.eval_batches` validation batches (copies) on every call."""
+    return [{k: v.copy() for k, v in b.items()} for b in self._eval]
+
+
+def _eval_batches(rows: PackedRows, num: int, global_batch: int, local: int,
+                  process_index: int) -> list[dict[str, np.ndarray]]:
+  if num == 0:
+    return []
+  perm = np.random.default_rng(EVAL_SEED).permutation(len(rows))
+  order = perm[np.arange(num * global_batch) % len(rows)].reshape(num, global_batch)
+  out = []
+  for g in range(num):
+    idx = order[g, process_index * local:(process_index + 1) * local]
+    examples = [rows[int(i)] for i in idx]
+    out.append({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+  return out
+
+
+def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int = 1) -> Data:
+  """Prepares (once, cached in the data dir) and opens the data of `cfg.data`."""
+  validate_data(cfg, process_index, process_count)
+  d, t = cfg.data, cfg.train
+  data_dir = os.path.abspath(d.tfds_data_dir or default_data_dir(workdir))
+  os.makedirs(data_dir, exist_ok=True)
+  start = time.perf_counter()
+  source = datasets.load_source(d.name, text_dir=d.text_dir,
+                                validation_fraction=float(d.validation_fraction),
+                                data_dir=data_dir)
+  tok, tok_key = _make_tokenizer(d, source, data_dir)
+  folder, pack_info = _pack_splits(source, tok, tok_key, d.seq_len, data_dir)
+  train_rows = PackedRows(folder, "train", tok.bytes_per_id)
+  val_rows = PackedRows(folder, "validation", tok.bytes_per_id)
+  if len(train_rows) == 0:
+    raise ConfigError(f"data.name={d.name!r}: the train split is empty")
+  if len(val_rows) == 0 and t.eval_batches > 0:
+    raise ConfigError(f"data.validation_fraction={d.validation_fraction}: the validation split of "
+                      f"data.name={d.name!r} is empty; raise it (or set train.eval_batches=0)")
+
+  local = t.batch_size // process_count
+  stream = grain.MapDataset.source(train_rows).shuffle(seed=t.seed % 2**32).repeat()
+  batched = _ProcessBlocks(stream, local, process_index, process_count).batch(
+      local, drop_remainder=True)
+  identity = {"dataset": source.key, "tokenizer": tok_key, "seq_len": d.seq_len,
+              "seed": t.seed, "global_batch_size": t.batch_size}
+  train_iter = TrainIterator(batched, identity, d.num_workers)
+  evals = _eval_batches(val_rows, t.eval_batches, t.batch_size, local, process_index)
+
+  info = dict(source.info)
+  info.update(pack_info)
+  info.update(tokenizer=d.tokenizer, tokenizer_key=tok_key, vocab_size=tok.vocab_size,
+              seq_len=d.seq_len, data_dir=data_dir, packed_dir=folder,
+              prepare_seconds=round(time.perf_counter() - start, 3),
+              eval_rows_reused=bool(t.eval_batches * t.batch_size > len(val_rows)))
+  return Data(tokenizer=tok, train_iter=train_iter, info=_to_json(info), _eval=evals)

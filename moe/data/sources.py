@@ -1,0 +1,275 @@
+"""Text sources: the built-in TFDS datasets over local files, and real TFDS text datasets.
+
+Built-in (`data.name`), each with `train` / `validation` splits:
+  pystdlib       the running interpreter's standard library `*.py` files outside its `test`
+                 package and outside any `test`/`tests` folder (pretraining);
+  pystdlib_test  the `*.py` files of the standard library's `test` package (fine-tuning);
+  textdir        every UTF-8 text file under `data.text_dir` (hidden files and folders skipped).
+`site-packages` / `dist-packages` are never read. A file goes to `validation` when the hash of its
+relative path falls below `data.validation_fraction`, so the split is disjoint and stable by
+path. Files that are not valid UTF-8 are skipped and counted in the metadata.
+
+They are one `tfds.core.GeneratorBasedBuilder` (`moe_text_files`) whose builder config is named
+after the source and a fingerprint of its file listing (paths, sizes, mtimes), the split fraction
+and the Python version, so a changed folder is prepared afresh and an unchanged one is reused. It is
+prepared with `file_format="array_record"` and read back by random access (`as_data_source`).
+
+Any other name must be a dataset `tfds.list_builders()` knows; it is prepared into the same
+data dir (array_record) and its first text feature is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import platform
+import sysconfig
+from typing import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from etils import epath  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+from moe.errors import ConfigError
+
+BUILTIN = ("pystdlib", "pystdlib_test", "textdir")
+SPLITS = ("train", "validation")
+SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
+# Real TFDS datasets can be huge: at most this many characters of a split are read and packed.
+MAX_SPLIT_CHARS = {"train": 256_000_000, "validation": 8_000_000}
+
+
+def stdlib_root() -> str:
+  return sysconfig.get_paths()["stdlib"]
+
+
+def is_validation(relpath: str, fraction: float) -> bool:
+  """Stable split rule: the path's hash, as a fraction of 2**64, below `fraction`."""
+  h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+  return h / 2.0**64 < fraction
+
+
+def _selected(relpath: str, kind: str) -> bool:
+  parts = relpath.split("/")
+  if kind == "textdir":
+    return not any(p.startswith(".") for p in parts)
+  if not relpath.endswith(".py"):
+    return False
+  if kind == "pystdlib_test":
+    return parts[0] == "test"
+  return not any(p in ("test", "tests") for p in parts[:-1])
+
+
+def list_files(root: str, kind: str) -> list[tuple[str, int, int]]:
+  """(relative path, size, mtime_ns) of the candidate files of `kind` under `root`, sorted."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+    for name in filenames:
+      full = os.path.join(dirpath, name)
+      rel = os.path.relpath(full, root).replace(os.sep, "/")
+      if not _selected(rel, kind) or not os.path.isfile(full):
+        continue
+      st = os.stat(full)
+      out.append((rel, st.st_size, st.st_mtime_ns))
+  out.sort()
+  return out
+
+
+def read_text(root: str, relpath: str) -> str | None:
+  """The file as text, or None when it is not valid UTF-8 (or holds NUL bytes)."""
+  with open(os.path.join(root, relpath), "rb") as f:
+    raw = f.read()
+  if b"\x00" in raw:
+    return None
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return None
+
+
+def split_files(root: str, kind: str, fraction: float) -> tuple[dict[str, list[str]], dict]:
+  """The files of each split (sorted relative paths) and their counts/bytes."""
+  splits = {s: [] for s in SPLITS}
+  stats = {f"{s}_{k}": 0 for s in SPLITS for k in ("files", "bytes")}
+  stats["skipped_not_utf8"] = 0
+  for rel, _, _ in list_files(root, kind):
+    text = read_text(root, rel)
+    if text is None:
+      stats["skipped_not_utf8"] += 1
+      continue
+    split = "validation" if is_validation(rel, fraction) else "train"
+    splits[split].append(rel)
+    stats[f"{split}_files"] += 1
+    stats[f"{split}_bytes"] += len(text.encode("utf-8"))
+  return splits, stats
+
+
+@dataclasses.dataclass
+class TextFilesConfig(tfds.core.BuilderConfig):
+  root: str = ""
+  kind: str = "textdir"
+  validation_fraction: float = 0.05
+
+
+class MoeTextFiles(tfds.core.GeneratorBasedBuilder):
+  """The text files of one folder as a `text`/`path` dataset with train/validation splits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Files of a folder, split by path hash."}
+  BUILDER_CONFIGS = []
+
+  def __init__(self, *, config: TextFilesConfig, splits: dict, stats: dict, **kwargs):
+    self._splits, self._stats = splits, stats
+    super().__init__(config=config, **kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # tfds' default lookup needs the `importlib_resources` backport for classes outside its own
+    # package; this builder has no checksums or other files beside its code.
+    return epath.Path(__file__)
+
+  def _info(self):
+    c = self.builder_config
+    meta = {"kind": c.kind, "root": c.root, "validation_fraction": c.validation_fraction,
+            "python_version": platform.python_version(),
+            "python_implementation": platform.python_implementation(), **self._stats}
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"{c.kind}: text files under {c.root}",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
+                                             "path": tfds.features.Text()}),
+        metadata=tfds.core.MetadataDict(meta))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(s) for s in SPLITS}
+
+  def _generate_examples(self, split):
+    c = self.builder_config
+    for rel in self._splits[split]:
+      yield rel, {"text": read_text(c.root, rel), "path": rel}
+
+
+@dataclasses.dataclass
+class TextSource:
+  """A prepared text dataset: `documents(split)` yields its texts in a fixed order."""
+
+  key: str  # filesystem-safe name for caches derived from it (tokenizer, packed rows)
+  info: dict
+  _sources: dict
+  _field: str
+  _max_chars: dict
+
+  def documents(self, split: str) -> Iterator[str]:
+    source = self._sources[split]
+    budget = self._max_chars.get(split)
+    for i in range(len(source)):
+      text = source[i][self._field]
+      text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+      yield text
+      if budget is not None:
+        budget -= len(text)
+        if budget <= 0:
+          return
+
+
+@contextlib.contextmanager
+def _quiet():
+  """TFDS reports every preparation through absl logging and progress bars; keep errors only."""
+  tfds.display_progress_bar(False)
+  loggers = [logging.getLogger("absl"), logging.getLogger("tensorflow_datasets")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def _quiet_prepare(builder, *, silent: bool) -> None:
+  """Prepares (a no-op when already prepared); `silent` also hides tfds' two stdout lines."""
+  out = contextlib.redirect_stdout(io.StringIO()) if silent else contextlib.nullcontext()
+  with _quiet(), out:
+    builder.download_and_prepare(file_format="array_record")
+
+
+def _files_source(name: str, root: str, fraction: float, data_dir: str) -> TextSource:
+  kind = name
+  listing = list_files(root, kind)
+  fp = hashlib.sha256(repr((kind, os.path.abspath(root), fraction, platform.python_version(),
+                            listing)).encode()).hexdigest()[:16]
+  if kind == "textdir" and not listing:
+    raise ConfigError(f"data.text_dir={root!r} holds no text files")
+  splits, stats = split_files(root, kind, fraction)
+  if kind == "textdir" and not splits["train"]:
+    raise ConfigError(f"data.text_dir={root!r} holds no UTF-8 text files for the train split "
+                      f"(validation_fraction={fraction})")
+  config = TextFilesConfig(name=f"{kind}-{fp}", root=os.path.abspath(root), kind=kind,
+                           validation_fraction=fraction)
+  with _quiet():  # tfds warns that the config is not one of BUILDER_CONFIGS
+    builder = MoeTextFiles(config=config, splits=splits, stats=stats, data_dir=data_dir)
+  _quiet_prepare(builder, silent=True)
+  info = dict(builder.info.metadata)
+  info.update(name=name, tfds_name=f"{builder.name}/{config.name}", tfds_dir=builder.data_dir)
+  sources = {s: builder.as_data_source(split=s) for s in SPLITS}
+  return TextSource(key=config.name, info=info, _sources=sources, _field="text", _max_chars={})
+
+
+def _tfds_source(name: str, data_dir: str) -> TextSource:
+  base = name.split("/")[0].split(":")[0]
+  if base not in tfds.list_builders():
+    raise ConfigError(f"data.name={name!r} is neither built in ({', '.join(BUILTIN)}) nor a "
+                      "dataset tensorflow_datasets knows (tfds.list_builders())")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    _quiet_prepare(builder, silent=False)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"data.name={name!r}: TFDS could not download/prepare it into {data_dir} "
+                      f"({type(e).__name__}: {reason}); prepare it there beforehand or use a "
+                      f"built-in dataset ({', '.join(BUILTIN)})") from None
+  features = builder.info.features
+  fields = [k for k, v in features.items() if isinstance(v, tfds.features.Text)]
+  if not fields:
+    raise ConfigError(f"data.name={name!r} has no text feature (features: {list(features)})")
+  field = "text" if "text" in fields else fields[0]
+  available = list(builder.info.splits.keys())
+  names = {"train": "train",
+           "validation": "validation" if "validation" in available else "test"}
+  for s, real in names.items():
+    if real not in available:
+      raise ConfigError(f"data.name={name!r} has no {real!r} split for {s} (has {available})")
+  sources = {s: builder.as_data_source(split=real) for s, real in names.items()}
+  info = {"name": name, "tfds_name": f"{builder.name}/{builder.info.full_name}",
+          "tfds_dir": builder.data_dir, "text_field": field, "splits_used": names,
+          "max_chars_read": dict(MAX_SPLIT_CHARS),
+          **{f"{s}_documents": len(src) for s, src in sources.items()}}
+  key = "tfds-" + "".join(ch if ch.isalnum() or ch in "-_" else "_"
+                          for ch in builder.info.full_name)
+  return TextSource(key=key, info=info, _sources=sources, _field=field,
+                    _max_chars=dict(MAX_SPLIT_CHARS))
+
+
+def load_source(name: str, *, text_dir: str, validation_fraction: float,
+                data_dir: str) -> TextSource:
+  """Prepares (once) and opens the dataset `data.name` in `data_dir`."""
+  if name in ("pystdlib", "pystdlib_test"):
+    return _files_source(name, stdlib_root(), validation_fraction, data_dir)
+  if name == "textdir":
+    if not text_dir:
+      raise ConfigError("data.text_dir is empty; data.name='textdir' needs a folder of text files")
+    if not os.path.isdir(text_dir):
+      raise ConfigError(f"data.text_dir={text_dir!r} is not an existing folder")
+    return _files_source(name, text_dir, validation_fraction, data_dir)
+  return _tfds_source(name, data_dir)
+
+

@@ -1,0 +1,1 @@
+"""Inference: autocompletion with the KV cache, and the picture of which experts each token chose."""

@@ -1,0 +1,413 @@
+"""Autocomplete with a trained (or converted) checkpoint, optionally showing the routing.
+
+    python launch.py --config=configs/default.py --workdir=runs/default --mode=complete \
+        --prompt='def fib(n):' --show_routing
+
+`main(cfg, workdir, *, prompt, show_routing, max_new_tokens, temperature, top_p, seed, stop)`
+loads the newest checkpoint in `workdir` (params and the MoE balancing bias), the tokenizer of
+`cfg.data` (or the Hugging Face tokenizer a conversion left in `workdir/hf_tokenizer/`), and
+prints the completion of `prompt`; `prompt=None` reads prompts from stdin, one per line, until
+EOF. `main(flags.FLAGS)` (launch.py's call) reads all of that from the absl flags.
+
+Decoding: the prompt (BOS first) is prefilled in one call, then one token at a time under one
+jit'd step, both with the model's KV cache (`moe.model.transformer.init_cache`, collection `cache`) and
+`train=False`, so MoE layers route with `moe.eval_capacity_factor`. The cache holds
+`model.max_len` tokens (no rolling buffer): prompt + completion are kept within it (a longer
+prompt keeps its last tokens). Sampling: `temperature <= 0` is greedy (argmax); otherwise
+softmax(logits / temperature) restricted to the smallest set of most likely tokens whose
+probability reaches `top_p` (nucleus sampling; the most likely token is always kept, so
+top_p -> 0 is greedy). Token i is drawn with `fold_in(PRNGKey(seed), i)`: the same seed gives the
+same completion. Generation stops at `max_new_tokens`, at EOS, or at the first stop string (the
+text is cut before it).
+
+Routing (`show_routing`): the routing of every MoE layer is captured without changing the layer:
+an `nn.intercept_methods` interceptor sows the `Routing` the layer hands to its `Experts` module
+(expert_index, combine_weights, slot) into `intermediates`. For each generated token the chosen
+experts and weights of every MoE layer are printed, and `moe.inference.routing_view` writes
+`workdir/routing_map.html`, `routing_map.png` and `routing_load.json` (prompt and completion
+tokens coloured by their top-1 expert per layer, plus each expert's share of the assignments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe.errors import ConfigError
+from moe.model.config import model_config_from, validate_model
+# The tokenizer folder moe.convert writes beside a converted checkpoint (numpy-only import).
+from moe.convert.cli import TOKENIZER_DIR as HF_TOKENIZER_DIR
+
+DEFAULTS = dict(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` (via the `tokenizers` library): encode/decode and ids."""
+
+  def __init__(self, folder: str):
+    try:
+      from tokenizers import Tokenizer
+    except ImportError:
+      raise ConfigError(f"{folder} holds a Hugging Face tokenizer; reading it needs the "
+                        "`tokenizers` package (pip install tokenizers)") from None
+    import json
+    self._tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    meta_path = os.path.join(folder, "special_tokens.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    self.vocab_size = self._tok.get_vocab_size()
+    self.bos_id = meta.get("bos_id")
+    self.eos_id = meta.get("eos_id")
+    self.pad_id = meta.get("pad_id")
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(list(map(int, ids)), skip_special_tokens=True)
+
+
+def load_tokenizer(cfg, workdir: str):
+  """`workdir/hf_tokenizer/` when a conversion left one there, else the data config's."""
+  hf = os.path.join(workdir, HF_TOKENIZER_DIR)
+  if os.path.exists(os.path.join(hf, "tokenizer.json")):
+    return HfTokenizer(hf)
+  if cfg.data.tokenizer == "byte":
+    from moe.data.tokenizers import ByteTokenizer
+    return ByteTokenizer()
+  from moe.data import pipeline as data_lib  # SentencePiece: trained once on the data, cached there
+  return data_lib.make_data(cfg, workdir=workdir).tokenizer
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_token(logits_V, key, temperature, top_p):
+  """One token id from float32 logits [V]; temperature <= 0 -> argmax. Traceable."""
+  greedy = jnp.argmax(logits_V).astype(jnp.int32)
+  t = jnp.maximum(temperature, 1e-6)
+  probs = jax.nn.softmax(logits_V.astype(jnp.float32) / t)
+  order = jnp.argsort(-probs, stable=True)
+  sorted_p = probs[order]
+  before = jnp.cumsum(sorted_p) - sorted_p  # mass of strictly more likely tokens
+  keep_sorted = (before < top_p) | (jnp.arange(sorted_p.shape[0]) == 0)
+  keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+  masked = jnp.where(keep, jnp.log(jnp.maximum(probs, 1e-30)), -jnp.inf)
+  sampled = jax.random.categorical(key, masked).astype(jnp.int32)
+  return jnp.where(temperature <= 0, greedy, sampled)
+
+
+# ----------------------------------------------------------------------------- routing capture
+
+
+def _capture_routing(next_fun, args, kwargs, context):
+  """Interceptor: sow the Routing an MoE layer passes to its Experts module."""
+  from moe.layer import modules as layers
+  if isinstance(context.module, layers.Experts) and context.method_name == "__call__":
+    r = args[1]
+    context.module.sow("intermediates", "routing", {
+        "expert_index": r.expert_index, "combine_weights": r.combine_weights, "slot": r.slot})
+  return next_fun(*args, **kwargs)
+
+
+def routing_per_layer(intermediates, num_tokens: int) -> list[tuple[str, dict]]:
+  """[(layer name, {expert_index, combine_weights, slot: [num_tokens, K] numpy})] in block order.
+
+  Scanned stacks (a leading layer axis) are split into layers; the group axis is flattened and
+  the group padding cut off (the first num_tokens rows are the B*L tokens, batch-major)."""
+  found = []
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        if k == "routing" and isinstance(v, (tuple, list)):
+          found.append((path, v[0]))
+        else:
+          walk(v, path + [str(k)])
+
+  walk(jax.device_get(dict(intermediates)), [])
+  import re
+  natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # noqa: E731
+  found.sort(key=lambda pd: natural("/".join(pd[0])))
+  out = []
+  for path, d in found:
+    arrays = {k: np.asarray(v) for k, v in d.items()}
+    stacked = arrays["expert_index"].ndim == 4  # [layers, G, T, K]
+    block = next((p for p in path if p.startswith("block")), "layer")
+    for j in range(arrays["expert_index"].shape[0] if stacked else 1):
+      one = {k: (v[j] if stacked else v) for k, v in arrays.items()}
+      one = {k: v.reshape(-1, v.shape[-1])[:num_tokens] for k, v in one.items()}
+      name = f"layer_{j}" if stacked else (block.replace("block_", "layer_"))
+      out.append((name, one))
+  return out
+
+
+# ----------------------------------------------------------------------------- session
+
+
+@dataclasses.dataclass
+class Completion:
+  prompt_ids: list  # tokens fed to the model (BOS first)
+  ids: list  # generated tokens (after the cut at a stop string: the text's tokens may differ)
+  text: str  # decoded completion, cut at the first stop string
+  logits: np.ndarray  # [len(ids_generated), V] the logits each generated token was drawn from
+  stopped: str  # "length" | "eos" | "stop" | "cache"
+  routing: list | None  # [(layer, {expert_index, combine_weights, slot: [P + n, K]})]; the
+  # routing of prompt and generated tokens (the last one too, unless the cache was full)
+
+
+class Generator:
+  """A loaded model with compiled prefill / step functions (one per routing-capture flag)."""
+
+  def __init__(self, model, params, moe_bias, tokenizer):
+    self.model = model
+    self.cfg = model.config
+    self.variables = {"params": params, **({"moe_bias": moe_bias} if moe_bias else {})}
+    self.tokenizer = tokenizer
+    self._fns = {}
+
+  def _compiled(self, capture: bool):
+    if capture not in self._fns:
+      model = self.model
+      mutable = ["cache", "intermediates"] if capture else ["cache"]
+
+      def apply(variables, cache, tokens_BL):
+        def run():
+          return model.apply({**variables, "cache": cache}, tokens_BL, decode=True,
+                             train=False, mutable=mutable)
+        if capture:
+          with nn.intercept_methods(_capture_routing):
+            return run()
+        return run()
+
+      def prefill(variables, cache, tokens_1P, key, temperature, top_p):
+        logits, mut = apply(variables, cache, tokens_1P)
+        last = logits[0, -1]
+        tok = sample_token(last, key, temperature, top_p)
+        return tok, last, mut["cache"], mut.get("intermediates", {})
+
+      def step(variables, cache, token, key, temperature, top_p):
+        logits, mut = apply(variables, cache, token.reshape(1, 1))
+        last = logits[0, -1]
+        tok = sample_token(last, key, temperature, top_p)
+        return tok, last, mut["cache"], mut.get("intermediates", {})
+
+      self._fns[capture] = (jax.jit(prefill), jax.jit(step, donate_argnums=(1,)))
+    return self._fns[capture]
+
+  def encode_prompt(self, prompt: str) -> list[int]:
+    ids = list(self.tokenizer.encode(prompt))
+    bos = getattr(self.tokenizer, "bos_id", None)
+    return ([bos] if bos is not None else []) + ids
+
+  def complete(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+               capture_routing: bool = False) -> Completion:
+    from moe.model.transformer import init_cache
+    S = self.cfg.max_len
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+      raise ConfigError("the prompt is empty: give some text to continue")
+    if max_new_tokens < 1:
+      raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    room = max(1, S - max_new_tokens)
+    if len(prompt_ids) > room:  # no rolling cache: keep the prompt's last tokens
+      prompt_ids = prompt_ids[-room:]
+    budget = min(max_new_tokens, S - len(prompt_ids))
+    prefill, step = self._compiled(capture_routing)
+    base = jax.random.PRNGKey(int(seed))
+    temperature = jnp.float32(temperature)
+    top_p = jnp.float32(top_p)
+    # Cache length: enough for prompt + completion, rounded up to a power of two (few distinct
+    # shapes to compile) and at most model.max_len (a 32k-token model needs no 32k cache here).
+    need = len(prompt_ids) + budget
+    cache_size = min(S, max(64, 1 << (need - 1).bit_length()))
+    cache = init_cache(self.model, 1, max_len=cache_size)
+    tok, logits, cache, inter = prefill(self.variables, cache,
+                                        jnp.asarray([prompt_ids], jnp.int32),
+                                        jax.random.fold_in(base, 0), temperature, top_p)
+    routing = [routing_per_layer(inter, len(prompt_ids))] if capture_routing else None
+    ids, all_logits, stopped, text = [], [], "length", ""
+    eos = getattr(self.tokenizer, "eos_id", None)
+    for i in range(budget):
+      t = int(tok)
+      all_logits.append(np.asarray(logits))
+      if eos is not None and t == eos:
+        stopped = "eos"
+        break
+      ids.append(t)
+      if stop:  # decoded per token only to look for a stop string
+        text = self.tokenizer.decode(ids)
+        cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+        if cut >= 0:
+          text, stopped = text[:cut], "stop"
+          break
+      if i == budget - 1:
+        stopped = "length" if budget == max_new_tokens else "cache"
+        break
+      tok, logits, cache, inter = step(self.variables, cache, jnp.int32(t),
+                                       jax.random.fold_in(base, i + 1), temperature, top_p)
+      if capture_routing:
+        routing.append(routing_per_layer(inter, 1))
+    if stopped != "stop":
+      text = self.tokenizer.decode(ids)
+    merged = None
+    if capture_routing and ids and stopped != "eos" and len(prompt_ids) + len(ids) <= cache_size:
+      # Feed the last token once more, only to see how it is routed.
+      _, _, cache, inter = step(self.variables, cache, jnp.int32(ids[-1]), base, temperature,
+                                top_p)
+      routing.append(routing_per_layer(inter, 1))
+    if capture_routing:
+      merged = []
+      for j, (name, _) in enumerate(routing[0]):
+        merged.append((name, {k: np.concatenate([r[j][1][k] for r in routing])
+                              for k in routing[0][j][1]}))
+    return Completion(prompt_ids=prompt_ids, ids=ids, text=text,
+                      logits=np.stack(all_logits) if all_logits else np.zeros((0,)),
+                      stopped=stopped, routing=merged)
+
+
+def load(cfg, workdir: str) -> Generator:
+  """The newest checkpoint in `workdir` under `cfg`'s model: a ready Generator."""
+  from moe.train import checkpoint as ckpt_lib
+  from moe.model.transformer import Transformer
+  try:
+    ckpt_lib.resolve(workdir)
+  except ConfigError:
+    raise ConfigError(f"no checkpoint in {workdir} (train one there first, or convert one with "
+                      f"python -m moe.convert)") from None
+  tokenizer = load_tokenizer(cfg, workdir)
+  model_cfg = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
+  validate_model(model_cfg)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model in {workdir} "
+                      f"only {model_cfg.vocab_size} (model.vocab_size): use the tokenizer it was "
+                      f"trained with (a converted model needs its tokenizer.json in "
+                      f"{os.path.join(workdir, HF_TOKENIZER_DIR)})")
+  model = Transformer(model_cfg)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+  shapes = nn.meta.unbox({"params": shapes["params"], "moe_bias": shapes.get("moe_bias", {})})
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          {k: v for k, v in shapes.items() if v})
+  loaded = ckpt_lib.load_state_items(workdir, abstract, where=f"--workdir={workdir}")
+  return Generator(model, loaded["params"], loaded.get("moe_bias", {}), tokenizer)
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def routing_line(token_text: str, layers: list, index: int) -> str:
+  """`'x'  layer_0: e3 0.61, e1 0.39 | layer_1: ...` for token `index` of the captured routing."""
+  parts = []
+  for name, d in layers:
+    chosen = []
+    for k in range(d["expert_index"].shape[-1]):
+      e, w, s = (int(d["expert_index"][index, k]), float(d["combine_weights"][index, k]),
+                 int(d["slot"][index, k]))
+      if s >= 0 and w > 0:
+        chosen.append(f"e{e} {w:.2f}")
+      elif s < 0 and d["expert_index"].shape[-1] < 64:
+        chosen.append(f"e{e} dropped")
+    parts.append(f"{name}: {', '.join(chosen) or '-'}")
+  return f"{token_text!r:>8}  " + " | ".join(parts)
+
+
+def _one(gen: Generator, workdir: str, prompt: str, *, show_routing: bool, max_new_tokens: int,
+         temperature: float, top_p: float, seed: int, stop, out) -> Completion:
+  c = gen.complete(gen.encode_prompt(prompt), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                   capture_routing=show_routing)
+  print(prompt + c.text, file=out, flush=True)
+  if show_routing and c.routing:
+    from moe.inference import routing_view
+    P = len(c.prompt_ids)
+    texts = [gen.tokenizer.decode([t]) for t in c.prompt_ids + c.ids]
+    print(f"\nrouting of the {len(c.ids)} generated tokens (expert weight; eval capacity "
+          f"factor {gen.cfg.moe.eval_capacity_factor}):", file=out)
+    for i in range(min(len(c.ids), c.routing[0][1]["slot"].shape[0] - P)):
+      print(routing_line(texts[P + i], c.routing, P + i), file=out)
+    n = min(P + len(c.ids), c.routing[0][1]["slot"].shape[0])
+    layers = [(name, {k: v[:n] for k, v in d.items()}) for name, d in c.routing]
+    paths = routing_view.write_routing_map(workdir, texts[:n], layers,
+                                           num_experts=gen.cfg.moe.num_experts, prompt_len=P)
+    print("routing map: " + ", ".join(paths.values()), file=out, flush=True)
+  elif show_routing:
+    print("(no MoE layer in this model: nothing to show)", file=out)
+  return c
+
+
+def main(cfg, workdir: str | None = None, *, prompt: str | None = None, show_routing=False,
+         max_new_tokens: int = DEFAULTS["max_new_tokens"],
+         temperature: float = DEFAULTS["temperature"], top_p: float = DEFAULTS["top_p"],
+         seed: int = DEFAULTS["seed"], stop: Sequence[str] | str = (), out=None, stdin=None):
+  """Prints completions (see the module docstring). `main(flags.FLAGS)` reads the flags."""
+  if workdir is None and hasattr(cfg, "__getitem__") and hasattr(cfg, "find_module_defining_flag"):
+    return main(**_from_flags(cfg), out=out, stdin=stdin)
+  out = out or sys.stdout
+  if isinstance(stop, str):
+    stop = [s for s in stop.split(",") if s] if stop else []
+  stop = [_unescape(s) for s in stop]
+  if not 0.0 < float(top_p) <= 1.0:
+    raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+  if float(temperature) < 0:
+    raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if prompt is not None and not prompt.strip():
+    raise ConfigError("--prompt is empty: give some text to continue (or leave --prompt out for "
+                      "an interactive prompt)")
+  gen = load(cfg, workdir)
+  kw = dict(show_routing=show_routing, max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature), top_p=float(top_p), seed=int(seed), stop=stop, out=out)
+  if prompt is not None:
+    return _one(gen, workdir, prompt, **kw).text
+  stdin = stdin or sys.stdin
+  texts = []
+  interactive = stdin.isatty() if hasattr(stdin, "isatty") else False
+  while True:
+    if interactive:
+      print("prompt> ", end="", file=out, flush=True)
+    line = stdin.readline()
+    if not line:
+      break
+    line = _unescape(line.rstrip("\n"))
+    if not line.strip():
+      continue
+    texts.append(_one(gen, workdir, line, **kw).text)
+  return texts
+
+
+def _unescape(s: str) -> str:
+  """Command-line text: the two-character sequences \\n and \\t mean newline and tab."""
+  return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _from_flags(FLAGS) -> dict[str, Any]:
+  """launch.py's flags -> main()'s arguments (optional flags fall back to DEFAULTS)."""
+  def get(name, default=None):
+    try:
+      return FLAGS[name].value
+    except KeyError:
+      return default
+
+  prompt = get("prompt")
+  try:
+    present = bool(FLAGS["prompt"].present)
+  except KeyError:
+    present = False
+  if not present and not prompt:
+    prompt = None  # no --prompt: interactive
+  return dict(cfg=get("config"), workdir=get("workdir"), prompt=prompt,
+              show_routing=bool(get("show_routing", False)),
+              max_new_tokens=get("max_new_tokens", DEFAULTS["max_new_tokens"]),
+              temperature=get("temperature", DEFAULTS["temperature"]),
+              top_p=get("top_p", DEFAULTS["top_p"]), seed=get("seed", DEFAULTS["seed"]),
+              stop=get("stop", ()) or ())

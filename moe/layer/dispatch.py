@@ -1,0 +1,178 @@
+"""Dispatch/combine strategies: apply the routed experts to the tokens, one semantics, several
+implementations (../shared/moe-spec.md, "Dispatch strategies").
+
+    y[g, t] = sum_k [slot[g,t,k] >= 0] * combine_weights[g,t,k] * FFN_{expert_index[g,t,k]}(x[g,t])
+
+with FFN = (silu(x @ w_gate) * (x @ w_in)) @ w_out (swiglu) or gelu(x @ w_in) @ w_out (gelu, the
+tanh approximation, as in the dense MLP of moe/model.py and GPT-2, so upcycling is exact).
+An assignment with slot < 0 (dropped, or a padding token) contributes exactly zero, whatever its
+combine weight. Matmuls run in x's dtype (weights are cast); the sum over the K choices is
+accumulated in float32; the result has x's dtype. Every strategy is differentiable in x, the
+weights and the combine weights.
+
+Strategies:
+  reference  every expert on every token, masked sum. O(T*E*D*F). Tests only.
+  einsum     GShard: one-hot dispatch tensor [G,T,E,C] and einsums. Capacity only.
+  gather     rows ordered (expert, group, slot) in an [E, G*C, D] buffer filled by a gather,
+             batched matmul over E, gathered back. Capacity only.
+  grouped    rows sorted by expert, each expert's run padded to a tile; a loop over the used
+             tiles runs each tile's expert FFN (dispatch_grouped.py). Dropless and capacity.
+  ragged     rows sorted by expert, `jax.lax.ragged_dot` with per-expert group sizes (the XLA
+             grouped matmul; megablox-like kernels on TPU/GPU). Dropless and capacity.
+
+`auto` picks per backend (resolve_strategy). On CPU it uses measurements from
+experiments/bench_moe_layer.py (see BENCHMARKS.md); on GPU/TPU, where this project has no
+measurements, it uses `gather` with a capacity and `ragged` dropless (ragged_dot lowers to a real
+grouped matmul there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe.layer import grouped as dispatch_grouped
+from moe.layer import rows as dispatch_rows
+from moe.layer.config import DISPATCHES, EXPERT_MLPS
+from moe.errors import ConfigError, check_choice
+from moe.layer.routing import Routing
+
+STRATEGIES = tuple(s for s in DISPATCHES if s != "auto")
+CAPACITY_ONLY = ("einsum", "gather")
+
+# What "auto" resolves to: (with a capacity, dropless) per backend. CPU values measured with
+# experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md); GPU/TPU not measured here.
+AUTO = {
+    "cpu": ("grouped", "grouped"),
+    "gpu": ("gather", "ragged"),
+    "cuda": ("gather", "ragged"),
+    "rocm": ("gather", "ragged"),
+    "tpu": ("gather", "ragged"),
+}
+
+
+def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = None) -> str:
+  """The concrete strategy for a request. Raises ConfigError (one line) for bad requests."""
+  check_choice("moe.dispatch", strategy, DISPATCHES)
+  if strategy == "auto":
+    backend = backend or jax.default_backend()
+    with_capacity, dropless = AUTO.get(backend, AUTO["gpu"])
+    return dropless if capacity is None else with_capacity
+  if capacity is None and strategy in CAPACITY_ONLY:
+    raise ConfigError(f"moe.dispatch={strategy!r} needs a capacity (capacity_factor > 0); for "
+                      f"dropless routing use one of ['auto', 'grouped', 'ragged']")
+  return strategy
+
+
+def expert_ffn(x, w_in_DF, w_gate_DF, w_out_FD, activation: str):
+  """One expert's FFN on rows x[..., D] (weights already in x's dtype); with stacked weights
+  [E, D, F] / [E, F, D] and x[..., E, R, D] it runs every expert on its rows (batched matmul)."""
+  h_in = x @ w_in_DF
+  h_gate = x @ w_gate_DF if activation == "swiglu" else None
+  return dispatch_grouped.activate(h_in, h_gate, activation) @ w_out_FD
+
+
+def _check(x_GTD, routing: Routing, w_in, w_gate, w_out, activation):
+  check_choice("moe.expert_mlp", activation, EXPERT_MLPS)
+  if (activation == "swiglu") != (w_gate is not None):
+    raise ValueError(f"apply_experts: activation={activation!r} "
+                     f"{'needs' if activation == 'swiglu' else 'takes no'} w_gate")
+  if x_GTD.ndim != 3:
+    raise ValueError(f"apply_experts: x must be [G, T, D], got shape {x_GTD.shape}")
+  G, T, D = x_GTD.shape
+  E, D2, F = w_in.shape
+  if routing.expert_index.shape[:2] != (G, T) or routing.expert_index.ndim != 3:
+    raise ValueError(f"apply_experts: routing arrays must be [G={G}, T={T}, K], got "
+                     f"{routing.expert_index.shape}")
+  if D2 != D or w_out.shape != (E, F, D) or (w_gate is not None and w_gate.shape != w_in.shape):
+    raise ValueError(f"apply_experts: weights must be w_in/w_gate [E, D={D}, F], w_out [E, F, D]; "
+                     f"got {w_in.shape}, {None if w_gate is None else w_gate.shape}, {w_out.shape}")
+
+
+def masked_weights(combine_weights, slot):
+  """Combine weights with every slot < 0 assignment forced to exactly 0 (float32)."""
+  return jnp.where(slot >= 0, combine_weights.astype(jnp.float32), 0.0)
+
+
+def _reference(x_GTD, routing, w_in, w_gate, w_out, activation):
+  E = w_in.shape[0]
+  w_GTK = masked_weights(routing.combine_weights, routing.slot)
+  y = jnp.zeros(x_GTD.shape, jnp.float32)
+  for e in range(E):
+    gate_e = None if w_gate is None else w_gate[e]
+    y_e = expert_ffn(x_GTD, w_in[e], gate_e, w_out[e], activation).astype(jnp.float32)
+    weight_e = jnp.sum(jnp.where(routing.expert_index == e, w_GTK, 0.0), axis=-1)
+    y = y + weight_e[..., None] * y_e
+  return y
+
+
+def _einsum(x_GTD, routing, w_in, w_gate, w_out, activation):
+  E = w_in.shape[0]
+  C = routing.capacity
+  valid = routing.slot >= 0
+  # [G, T, K, E] x [G, T, K, C] -> [G, T, E, C]; dropped assignments have an all-zero slot row.
+  onehot_e = jax.nn.one_hot(routing.expert_index, E, dtype=jnp.float32)
+  onehot_c = jax.nn.one_hot(jnp.where(valid, routing.slot, -1), C, dtype=jnp.float32)
+  w_GTK = masked_weights(routing.combine_weights, routing.slot)
+  combine_GTEC = jnp.einsum("GTKE,GTKC,GTK->GTEC", onehot_e, onehot_c, w_GTK)
+  dispatch_GTEC = jnp.einsum("GTKE,GTKC->GTEC", onehot_e, onehot_c).astype(x_GTD.dtype)
+  x_GECD = jnp.einsum("GTEC,GTD->GECD", dispatch_GTEC, x_GTD)
+  y_GECD = expert_ffn(x_GECD, w_in, w_gate, w_out, activation)  # batched over G and E
+  return jnp.einsum("GTEC,GECD->GTD", combine_GTEC, y_GECD, preferred_element_type=jnp.float32)
+
+
+def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
+  G, T, D = x_GTD.shape
+  E = w_in.shape[0]
+  C = routing.capacity
+  layout = dispatch_rows.capacity_layout(routing.expert_index, routing.slot, E, C)
+  x_ERD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout).reshape(E, G * C, D)
+  y_ERD = expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
+  return dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
+
+
+def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation):
+  G, T, D = x_GTD.shape
+  E = w_in.shape[0]
+  A = routing.expert_index.size
+  # Valid assignments per expert: A / E on average, at most G*C with a capacity (expert choice
+  # routing has K = E, so A / E would overstate it).
+  rows_per_expert = A / E if routing.capacity is None else min(A / E, G * routing.capacity)
+  tile = dispatch_grouped.choose_tile(int(rows_per_expert * E), E)
+  layout, tile_expert, num_tiles = dispatch_rows.tiled_layout(
+      routing.expert_index, routing.slot, E, tile)
+  x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
+  y_RD = dispatch_grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
+                                      tile=tile, activation=activation)
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
+  return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
+
+
+def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
+  G, T, D = x_GTD.shape
+  E = w_in.shape[0]
+  layout, counts = dispatch_rows.packed_layout(routing.expert_index, routing.slot, E)
+  x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
+  h_in = jax.lax.ragged_dot(x_RD, w_in, counts)
+  h_gate = jax.lax.ragged_dot(x_RD, w_gate, counts) if activation == "swiglu" else None
+  y_RD = jax.lax.ragged_dot(dispatch_grouped.activate(h_in, h_gate, activation), w_out, counts)
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
+  return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
+
+
+_IMPLS = {"reference": _reference, "einsum": _einsum, "gather": _gather, "grouped": _grouped,
+          "ragged": _ragged}
+
+
+def apply_experts(x_GTD, routing: Routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,
+                  activation: str, strategy: str = "auto") -> jax.Array:
+  """y_GTD = sum_k combine_weights * FFN_{expert_index}(x) over kept assignments (module doc)."""
+  strategy = resolve_strategy(strategy, routing.capacity)
+  _check(x_GTD, routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, activation)
+  dtype = x_GTD.dtype
+  w_in = w_in_EDF.astype(dtype)
+  w_gate = None if w_gate_EDF_or_None is None else w_gate_EDF_or_None.astype(dtype)
+  w_out = w_out_EFD.astype(dtype)
+  y = _IMPLS[strategy](x_GTD, routing, w_in, w_gate, w_out, activation)
+  return y.astype(dtype)

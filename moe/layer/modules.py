@@ -1,0 +1,240 @@
+"""Linen MoE modules: the router, the routed experts, shared experts and the MoE layer.
+
+`MoeLayer(config, dtype, causal)(x_BLD, padding_mask=mask_BL, train=bool) -> y_BLD`:
+
+1. Validates `config` (`moe.layer.config.validate_moe`, at trace time, before compilation) and the
+   input shapes (one-line ValueError).
+2. Flattens the B*L tokens and cuts them into G groups of T tokens. `group_size=None` means one
+   group holding the whole batch; a group size larger than B*L is clamped to B*L. When B*L is
+   not a multiple of the group size, the last group is filled up with padding tokens (zeros,
+   masked out): they are never routed, never counted in losses or metrics, and cut off again
+   from the output. Capacity is computed per group from T (padding slots included).
+3. Routes in float32 (`Router`): token choice top-K (`moe.layer.routing.top_k_routing`) or expert
+   choice (`moe.layer.routing.expert_choice_routing`, with C = the same per-expert buffer a
+   token-choice layer of this config would get, so both spend the same expert FLOPs), with the
+   train or eval capacity factor.
+4. Runs the routed experts through `moe.layer.dispatch.apply_experts` with the configured strategy,
+   adds the shared experts (always on), and returns y in `dtype`.
+5. Sows one dict under `intermediates/moe` (Flax's `sow` appends, so the leaf is a 1-tuple
+   holding the dict): aux_loss, load_balance_loss, z_loss, load, max_over_mean_load,
+   dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, bias_norm.
+6. With `bias_balancing`, owns `moe_bias/bias` [E] f32 (zeros at init). When `train=True`, the
+   collection is mutable and the module is not initializing, it writes
+   `b + bias_rate * sign(mean(load) - load)` computed from this batch's load; the bias used for
+   this batch's selection is the value before the update.
+
+Expert weights are SwiGLU `(silu(x W_gate) * x W_in) W_out` or GELU `gelu(x W_in) W_out`; the
+FFN itself (including which GELU) is `moe.layer.dispatch.expert_ffn`, used by routed and shared experts.
+
+On a device mesh (`jax.set_mesh` with the axes of `moe.sharding`, more than one device) the
+routing and the routed experts run expert-parallel through `moe.layer.expert_parallel`: each device
+routes its own tokens (groups never cross devices; `group_size=None` then means one group per
+device) and the experts are split over the `expert` axis with an all-to-all each way. Losses,
+metrics and the bias update are still computed over the whole batch. Without such a mesh
+nothing changes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe.layer import dispatch
+from moe.layer import expert_parallel
+from moe.layer import routing as routing_lib
+from moe.layer.config import MoeConfig, validate_moe
+
+
+def _init(in_axis: int, batch_axis: tuple[int, ...] = ()):
+  """Lecun-normal (truncated) over the fan-in axis."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                          out_axis=-1, batch_axis=batch_axis)
+
+
+def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tuple[int, ...]):
+  """A float32 parameter with logical axis names; a shape mismatch is a one-line ValueError."""
+  if module.has_variable("params", name):
+    have = module.get_variable("params", name)
+    have = have.value if isinstance(have, nn.meta.AxisMetadata) else have
+    if tuple(jnp.shape(have)) != tuple(shape):
+      raise ValueError(f"{'/'.join(module.path or ())}/{name}: parameter shape {jnp.shape(have)} "
+                       f"does not match the input and config, which need {tuple(shape)} "
+                       f"(check that x's last dim equals the model width D)")
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+
+class Router(nn.Module):
+  """logits[G, T, E] = x[G, T, D] @ W_r[D, E], returned in float32.
+
+  Computed in `router_dtype` (float32 by default whatever the model dtype; bfloat16 only as an
+  ablation, in which case inputs and kernel are rounded to bfloat16 before the matmul). During
+  training with `jitter_eps > 0`, the router's own copy of x is multiplied by U(1-eps, 1+eps)
+  noise from the rng stream 'jitter'; the experts never see that noise.
+  """
+
+  num_experts: int
+  router_dtype: str = "float32"
+  jitter_eps: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_GTD, *, train: bool):
+    d = x_GTD.shape[-1]
+    kernel_DE = _param(self, "kernel", _init(0), ("embed", "router_expert"),
+                       (d, self.num_experts))
+    dtype = jnp.dtype(self.router_dtype)
+    x = x_GTD.astype(jnp.float32)
+    if train and self.jitter_eps > 0:
+      x = x * jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
+                                 1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+    logits_GTE = jnp.einsum("GTD,DE->GTE", x.astype(dtype), kernel_DE.astype(dtype),
+                            preferred_element_type=dtype)
+    return logits_GTE.astype(jnp.float32)
+
+
+class Experts(nn.Module):
+  """E routed expert MLPs of width F: w_in/w_gate [E, D, F], w_out [E, F, D] (float32 params).
+
+  Applies them through `moe.layer.dispatch.apply_experts` with the given routing and strategy.
+  """
+
+  num_experts: int
+  hidden: int
+  expert_mlp: str = "swiglu"
+  strategy: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_GTD, routing: routing_lib.Routing):
+    e, f, d = self.num_experts, self.hidden, x_GTD.shape[-1]
+    init = _init(1, (0,))
+    w_in = _param(self, "w_in", init, ("expert", "embed", "mlp"), (e, d, f))
+    w_gate = None
+    if self.expert_mlp == "swiglu":
+      w_gate = _param(self, "w_gate", init, ("expert", "embed", "mlp"), (e, d, f))
+    w_out = _param(self, "w_out", init, ("expert", "mlp", "embed"), (e, f, d))
+    cast = lambda w: None if w is None else w.astype(self.dtype)
+    ep = expert_parallel.context(rows=x_GTD.shape[0])
+    apply = dispatch.apply_experts if ep is None else ep.apply_experts
+    y_GTD = apply(x_GTD.astype(self.dtype), routing, cast(w_in), cast(w_gate),
+                                   cast(w_out), activation=self.expert_mlp,
+                                   strategy=self.strategy)
+    return y_GTD.astype(self.dtype)
+
+
+class SharedExperts(nn.Module):
+  """`num` always-on experts of width F each, stored as one dense MLP of width num*F
+  (the sum of the experts' outputs equals one MLP over their concatenated hidden units):
+  w_in/w_gate [D, S*F] ('embed', 'mlp'), w_out [S*F, D] ('mlp', 'embed')."""
+
+  num: int
+  hidden: int
+  expert_mlp: str = "swiglu"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NTD):
+    d, sf = x_NTD.shape[-1], self.num * self.hidden
+    x = x_NTD.astype(self.dtype)
+    w_in = _param(self, "w_in", _init(0), ("embed", "mlp"), (d, sf))
+    w_gate = None
+    if self.expert_mlp == "swiglu":
+      w_gate = _param(self, "w_gate", _init(0), ("embed", "mlp"), (d, sf)).astype(self.dtype)
+    w_out = _param(self, "w_out", _init(0), ("mlp", "embed"), (sf, d))
+    # The routed experts' own FFN (moe.layer.dispatch), so shared and routed experts cannot disagree.
+    y = dispatch.expert_ffn(x, w_in.astype(self.dtype), w_gate, w_out.astype(self.dtype),
+                            self.expert_mlp)
+    return y.astype(self.dtype)
+
+
+def group_tokens(x_BLD, mask_BL, group_size: int | None):
+  """[B, L, D] -> ([G, T, D], mask [G, T], n_real = B*L). Tail padded with masked zeros."""
+  b, l, d = x_BLD.shape
+  n = b * l
+  t = n if group_size is None else min(int(group_size), n)
+  g = -(-n // t)
+  pad = g * t - n
+  x_ND = x_BLD.reshape(n, d)
+  mask_N = mask_BL.reshape(n)
+  if pad:
+    x_ND = jnp.concatenate([x_ND, jnp.zeros((pad, d), x_ND.dtype)])
+    mask_N = jnp.concatenate([mask_N, jnp.zeros((pad,), bool)])
+  return x_ND.reshape(g, t, d), mask_N.reshape(g, t), n
+
+
+class MoeLayer(nn.Module):
+  """The MoE feed-forward layer (see the module docstring for the full contract)."""
+
+  config: MoeConfig
+  dtype: jnp.dtype = jnp.float32
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x_BLD, padding_mask=None, train: bool = False):
+    cfg = self.config
+    validate_moe(cfg, causal=self.causal)
+    if x_BLD.ndim != 3:
+      raise ValueError(f"MoeLayer input must be [B, L, D], got shape {x_BLD.shape}")
+    b, l, _ = x_BLD.shape
+    if padding_mask is None:
+      mask_BL = jnp.ones((b, l), bool)
+    else:
+      if tuple(jnp.shape(padding_mask)) != (b, l):
+        raise ValueError(f"MoeLayer padding_mask must be [B, L] = {(b, l)}, "
+                         f"got {jnp.shape(padding_mask)}")
+      mask_BL = jnp.asarray(padding_mask).astype(bool)
+    e, k = cfg.num_experts, cfg.num_selected
+
+    ep = expert_parallel.context(rows=b)
+    group_size = cfg.group_size if ep is None else ep.routing_group_size(cfg.group_size, b, l)
+    x_GTD, mask_GT, n = group_tokens(x_BLD, mask_BL, group_size)
+    g, t, d = x_GTD.shape
+    capacity = routing_lib.capacity_for(t, e, k, cfg.capacity_factor_for(train), cfg.min_capacity)
+
+    bias_var = None
+    if cfg.bias_balancing:
+      bias_var = self.variable(
+          "moe_bias", "bias",
+          nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("router_expert",)),
+          (e,))
+
+    logits_GTE = Router(e, cfg.router_dtype, cfg.jitter_eps, name="router")(x_GTD, train=train)
+    if cfg.router == "expert_choice" and capacity is None:
+      capacity = t  # validate_moe refuses a None train factor; eval may still be None
+
+    def route(logits_GTE, mask_GT, bias_E):
+      if cfg.router == "expert_choice":
+        return routing_lib.expert_choice_routing(logits_GTE, capacity=capacity,
+                                                 padding_mask=mask_GT)
+      return routing_lib.top_k_routing(
+          logits_GTE, num_selected=k, capacity=capacity, priority=cfg.priority, bias=bias_E,
+          padding_mask=mask_GT, renormalize=cfg.renormalize)
+
+    bias_E = None if bias_var is None else jax.lax.stop_gradient(bias_var.value)
+    routing = (route(logits_GTE, mask_GT, bias_E) if ep is None
+               else ep.route(route, logits_GTE, mask_GT, bias_E))
+
+    # The strategy ("auto" included) is resolved, and a bad one refused, by apply_experts.
+    y_GTD = Experts(e, cfg.expert_hidden, cfg.expert_mlp, cfg.dispatch, self.dtype,
+                    name="experts")(x_GTD, routing)
+    y_BLD = y_GTD.reshape(g * t, d)[:n].reshape(b, l, d)
+    if cfg.num_shared_experts:
+      y_BLD = y_BLD + SharedExperts(cfg.num_shared_experts, cfg.expert_hidden, cfg.expert_mlp,
+                                    self.dtype, name="shared")(x_BLD)
+
+    lb = routing_lib.load_balancing_loss(routing)
+    z = routing_lib.router_z_loss(routing)
+    stats = routing_lib.routing_metrics(routing)
+    bias_norm = jnp.zeros((), jnp.float32)
+    if bias_var is not None:
+      bias_norm = jnp.linalg.norm(bias_var.value)
+      if train and not self.is_initializing() and self.is_mutable_collection("moe_bias"):
+        bias_var.value = routing_lib.update_bias(bias_var.value, stats["load"], cfg.bias_rate)
+    self.sow("intermediates", "moe", {
+        "aux_loss": cfg.load_balance_weight * lb + cfg.z_loss_weight * z,
+        "load_balance_loss": lb,
+        "z_loss": z,
+        **stats,
+        "bias_norm": bias_norm,
+    })
+    return y_BLD.astype(self.dtype)

@@ -1,0 +1,297 @@
+"""Routing as pure functions (no Flax): which tokens go to which experts, in which slot.
+
+Letters as in ../shared/moe-spec.md: G groups, T tokens per group, E experts, K choices, C capacity.
+
+Every router takes logits of shape [G, T, E] or [T, E]. A 2-D input is routed as one group and
+the returned `Routing` arrays keep the input's rank (no G axis: [T, K], [T, E], [T]). Capacity
+and K are static Python ints, so everything here is jit-able and costs O(G*T*K*log(T*K)) time
+and O(G*T*(K+E)) memory (a stable sort per group, never a [T, T] matrix).
+
+The losses and metrics at the bottom take a `Routing` of either rank and pool every real
+(non-padding) token of every group: f_e, P_e and the means run over all real tokens at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moe.layer import rows as dispatch_rows
+
+TOKEN_CHOICE = "token_choice"
+EXPERT_CHOICE = "expert_choice"
+
+
+@flax.struct.dataclass
+class Routing:
+  """The result of routing one batch of groups. Arrays carry an optional leading group axis G.
+
+  expert_index[G, T, K] int32: the k-th expert chosen by token t (choice order: k=0 is the best).
+      Always a valid expert id in [0, E), also for dropped assignments and padding tokens (so a
+      gather never goes out of bounds); what marks those is `slot == -1` / zero weight.
+  combine_weights[G, T, K] float32: weight of that assignment in the output; exactly 0 where the
+      assignment was dropped or the token is padding.
+  slot[G, T, K] int32: the assignment's position in its expert's buffer, in [0, C) with capacity,
+      in [0, T*K) dropless; -1 where dropped or padding.
+  probs[G, T, E] float32: softmax of the router logits (before any balancing bias).
+  logits[G, T, E] float32: router logits.
+  token_mask[G, T] bool: True for real (non-padding) tokens.
+  capacity: C (static int), or None when dropless.
+  kind: "token_choice", or "expert_choice" (then K = E, expert_index[..., t, e] = e, and an
+      assignment is "selected" only where the expert took the token; see `selected_mask`).
+  """
+
+  expert_index: jax.Array
+  combine_weights: jax.Array
+  slot: jax.Array
+  probs: jax.Array
+  logits: jax.Array
+  token_mask: jax.Array
+  capacity: int | None = flax.struct.field(pytree_node=False, default=None)
+  kind: str = flax.struct.field(pytree_node=False, default=TOKEN_CHOICE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity
+
+
+def capacity_for(num_tokens: int, num_experts: int, num_selected: int,
+                 capacity_factor: float | None, min_capacity: int = 0) -> int | None:
+  """C = max(min_capacity, ceil(capacity_factor * K * T / E)), clamped to T; None = dropless.
+
+  `capacity_factor` None or <= 0 means dropless (the spec's convention). The clamp: in token
+  choice a token picks K *distinct* experts, so one expert never receives more than T
+  assignments of a group and a buffer longer than T is pure waste (in expert choice an expert
+  cannot take more than the T tokens there are). The product is rounded to 9 decimals before
+  the ceiling so that e.g. 1.1 * 10 / 11 gives 1, not 2.
+  """
+  if capacity_factor is None or capacity_factor <= 0:
+    return None
+  raw = round(capacity_factor * num_selected * num_tokens / num_experts, 9)
+  c = max(int(min_capacity), math.ceil(raw), 1)
+  return int(min(c, num_tokens)) if num_tokens > 0 else c
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-choice top-k
+
+
+def _as_groups(logits, padding_mask):
+  """Returns (logits[G,T,E] f32, mask[G,T] bool, squeeze: bool)."""
+  logits = jnp.asarray(logits)
+  if logits.ndim not in (2, 3):
+    raise ValueError(f"router logits must be [T, E] or [G, T, E], got shape {logits.shape}")
+  squeeze = logits.ndim == 2
+  if squeeze:
+    logits = logits[None]
+  g, t, _ = logits.shape
+  if padding_mask is None:
+    mask = jnp.ones((g, t), bool)
+  else:
+    mask = jnp.asarray(padding_mask).astype(bool)
+    if squeeze:
+      mask = mask[None]
+    if mask.shape != (g, t):
+      raise ValueError(f"padding_mask shape {jnp.shape(padding_mask)} does not match the "
+                       f"router logits' token axes {(g, t) if not squeeze else (t,)}")
+  return logits.astype(jnp.float32), mask, squeeze
+
+
+def _maybe_squeeze(r: Routing, squeeze: bool) -> Routing:
+  if not squeeze:
+    return r
+  return r.replace(expert_index=r.expert_index[0], combine_weights=r.combine_weights[0],
+                   slot=r.slot[0], probs=r.probs[0], logits=r.logits[0],
+                   token_mask=r.token_mask[0])
+
+
+def _buffer_positions(expert_TK, valid_TK, order_T, num_experts):
+  """Position of every assignment in its expert's buffer, one group.
+
+  Assignments are ranked choice-major (all first choices, then all second choices, ...) and,
+  within a choice, by `order_T` (a permutation of the tokens, highest priority first). Invalid
+  assignments (padding) get a sentinel expert E so they are never counted; their position is
+  meaningless and masked by the caller. A stable sort by expert id keeps the priority order
+  inside each expert, so position = index in the sorted list - start of the expert's run.
+  """
+  t, k = expert_TK.shape
+  e_KT = jnp.where(valid_TK, expert_TK, num_experts)[order_T].T  # priority order
+  perm, pos_sorted, _, _ = dispatch_rows.sort_by_key(e_KT.reshape(-1), num_experts)
+  pos_seq = jnp.zeros((t * k,), jnp.int32).at[perm].set(pos_sorted)
+  pos_TK = jnp.zeros((t, k), jnp.int32).at[order_T].set(pos_seq.reshape(k, t).T)
+  return pos_TK
+
+
+def top_k_routing(logits, *, num_selected: int, capacity: int | None,
+                  priority: str = "choice_major", bias=None, padding_mask=None,
+                  renormalize: bool = True) -> Routing:
+  """Token-choice top-K routing with an optional per-expert capacity.
+
+  logits [G, T, E] or [T, E] (a 2-D input returns 2-D arrays). `bias` [E] is added to the
+  probabilities for selection only; combine weights are the unbiased probs of the chosen
+  experts, divided by their sum over the K choices when `renormalize` (before dropping: a
+  dropped choice does not reweight the survivors). `capacity` None = dropless. On overflow an
+  expert keeps assignments in priority order: choice-major, then token order ("choice_major")
+  or tokens by descending top-1 probability, ties by token order ("bpr"). Padding tokens
+  (`padding_mask` False) are never routed and never take a buffer slot.
+  """
+  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
+  e = logits_GTE.shape[-1]
+  if not isinstance(num_selected, int) or not 1 <= num_selected <= e:
+    raise ValueError(f"num_selected must be an int in [1, E={e}], got {num_selected!r}")
+  if priority not in ("choice_major", "bpr"):
+    raise ValueError(f"priority must be one of ['choice_major', 'bpr'], got {priority!r}")
+  if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+    raise ValueError(f"capacity must be a static int >= 0 or None, got {capacity!r}")
+
+  probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
+  scores_GTE = probs_GTE
+  if bias is not None:
+    scores_GTE = probs_GTE + jnp.asarray(bias, jnp.float32)
+  _, expert_GTK = jax.lax.top_k(scores_GTE, num_selected)
+  expert_GTK = expert_GTK.astype(jnp.int32)
+  gate_GTK = jnp.take_along_axis(probs_GTE, expert_GTK, axis=-1)
+  if renormalize:
+    gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True),
+                                      jnp.finfo(jnp.float32).tiny)
+
+  valid_GTK = jnp.broadcast_to(mask_GT[..., None], expert_GTK.shape)
+  t = logits_GTE.shape[1]
+  if priority == "bpr":
+    order_GT = jnp.argsort(-probs_GTE.max(-1), axis=-1, stable=True).astype(jnp.int32)
+  else:
+    order_GT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), mask_GT.shape)
+  pos_GTK = jax.vmap(_buffer_positions, in_axes=(0, 0, 0, None))(
+      expert_GTK, valid_GTK, order_GT, e)
+  kept_GTK = valid_GTK if capacity is None else valid_GTK & (pos_GTK < capacity)
+  routing = Routing(
+      expert_index=expert_GTK,
+      combine_weights=jnp.where(kept_GTK, gate_GTK, 0.0).astype(jnp.float32),
+      slot=jnp.where(kept_GTK, pos_GTK, -1).astype(jnp.int32),
+      probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT, capacity=capacity,
+      kind=TOKEN_CHOICE)
+  return _maybe_squeeze(routing, squeeze)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert choice
+
+
+def expert_choice_routing(logits, *, capacity: int, padding_mask=None) -> Routing:
+  """Each expert takes the C real tokens of its group with the largest probs[:, e].
+
+  Expressed as a Routing with K = E so that every dispatch strategy works unchanged:
+  expert_index[..., t, e] = e, combine weight = probs[t, e] where expert e took token t, else
+  0; slot = the token's rank within the expert's top-C (0 = highest prob), else -1. Ties go to
+  the earlier token. C is clamped to T (an expert cannot take more tokens than there are); the
+  returned `capacity` is the clamped value. With padding, an expert may end up with fewer than
+  C real tokens: padding is never taken.
+  """
+  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
+  g, t, e = logits_GTE.shape
+  if not isinstance(capacity, int) or capacity < 1:
+    raise ValueError(f"expert choice needs a static capacity >= 1, got {capacity!r}")
+  c = min(capacity, t)
+  probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
+
+  def one_group(probs_TE, mask_T):
+    scores_ET = jnp.where(mask_T[None, :], probs_TE.T, -jnp.inf)
+    _, token_EC = jax.lax.top_k(scores_ET, c)
+    taken_EC = mask_T[token_EC]  # padding sorts last, so real picks are ranks 0..n-1
+    rank_EC = jnp.where(taken_EC, jnp.arange(c, dtype=jnp.int32)[None, :], -1)
+    expert_EC = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[:, None], (e, c))
+    slot_TE = jnp.full((t, e), -1, jnp.int32).at[token_EC, expert_EC].max(rank_EC)
+    return slot_TE
+
+  slot_GTE = jax.vmap(one_group)(probs_GTE, mask_GT)
+  routing = Routing(
+      expert_index=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, t, e)),
+      combine_weights=jnp.where(slot_GTE >= 0, probs_GTE, 0.0).astype(jnp.float32),
+      slot=slot_GTE, probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT, capacity=c,
+      kind=EXPERT_CHOICE)
+  return _maybe_squeeze(routing, squeeze)
+
+
+# ----------------------------------------------------------------------------------------------
+# Auxiliary-loss-free balancing
+
+
+def update_bias(bias, load, rate: float):
+  """b_e + rate * sign(mean(load) - load_e): overloaded experts go down, underloaded up."""
+  load = jnp.asarray(load, jnp.float32)
+  return jnp.asarray(bias, jnp.float32) + rate * jnp.sign(load.mean() - load)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and metrics (pooled over all real tokens of all groups)
+
+
+def selected_mask(routing: Routing):
+  """[..., T, K] bool: assignments the router made, before any capacity drop, padding excluded.
+
+  Token choice: every choice of every real token. Expert choice: the (token, expert) pairs the
+  experts took (there is no "before dropping" there; capacity is the selection itself).
+  """
+  if routing.kind == EXPERT_CHOICE:
+    return (routing.slot >= 0) & routing.token_mask[..., None]
+  return jnp.broadcast_to(routing.token_mask[..., None], routing.expert_index.shape)
+
+
+def _num_experts(routing: Routing) -> int:
+  return routing.probs.shape[-1]
+
+
+def expert_load(routing: Routing):
+  """[E] float32: fraction of the selected assignments (before dropping) that went to each expert."""
+  e = _num_experts(routing)
+  sel = selected_mask(routing).reshape(-1).astype(jnp.float32)
+  counts = jnp.zeros((e,), jnp.float32).at[routing.expert_index.reshape(-1)].add(sel)
+  return counts / jnp.maximum(sel.sum(), 1.0)
+
+
+def _mean_over_tokens(values, token_mask):
+  """Mean of values[..., T] over real tokens (0 when there are none)."""
+  m = token_mask.astype(jnp.float32)
+  return (values * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def load_balancing_loss(routing: Routing):
+  """L_bal = E * sum_e f_e * P_e; 1.0 at perfect balance for every K. Gradient flows via P_e."""
+  e = _num_experts(routing)
+  f_E = jax.lax.stop_gradient(expert_load(routing))
+  m = routing.token_mask.astype(jnp.float32)[..., None]
+  p_E = (routing.probs * m).reshape(-1, e).sum(0) / jnp.maximum(m.sum(), 1.0)
+  return e * jnp.sum(f_E * p_E)
+
+
+def router_z_loss(routing: Routing):
+  """L_z = mean over real tokens of logsumexp_e(logits)^2."""
+  z = jax.nn.logsumexp(routing.logits.astype(jnp.float32), axis=-1)
+  return _mean_over_tokens(z * z, routing.token_mask)
+
+
+def routing_metrics(routing: Routing) -> dict:
+  """load [E], max_over_mean_load, dropped_fraction, tokens_dropped_fraction, router_entropy,
+  top1_prob (all float32; stop-gradient). Dropped = selected but given no slot; a token counts
+  as dropped when none of its assignments kept a slot (expert choice: no expert took it)."""
+  r = jax.tree_util.tree_map(jax.lax.stop_gradient, routing)
+  load_E = expert_load(r)
+  sel = selected_mask(r)
+  kept = r.slot >= 0
+  n_sel = sel.sum().astype(jnp.float32)
+  dropped = (sel & ~kept).sum().astype(jnp.float32) / jnp.maximum(n_sel, 1.0)
+  token_dropped = ~jnp.any(kept, axis=-1)
+  p = r.probs.astype(jnp.float32)
+  entropy_T = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+  return {
+      "load": load_E,
+      "max_over_mean_load": load_E.max() * load_E.shape[0],
+      "dropped_fraction": dropped,
+      "tokens_dropped_fraction": _mean_over_tokens(token_dropped.astype(jnp.float32),
+                                                   r.token_mask),
+      "router_entropy": _mean_over_tokens(entropy_T, r.token_mask),
+      "top1_prob": _mean_over_tokens(p.max(-1), r.token_mask),
+  }

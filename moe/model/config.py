@@ -1,0 +1,78 @@
+"""The language model's frozen config, its construction from a config file, and its validation.
+
+`model_config_from(cfg)` turns the `model` and `moe` groups of an `ml_collections` config into
+`ModelConfig` (with a `MoeConfig` inside, or None for a dense model); `validate_model` checks every
+model field a user can get wrong, raising `ConfigError` with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moe.errors import ConfigError, check_choice, check_fields, check_int, check_positive
+from moe.layer.config import DTYPES, EXPERT_MLPS, MoeConfig, moe_config_from, validate_moe
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only Transformer LM; `moe=None` makes it dense."""
+
+  vocab_size: int = 259
+  d_model: int = 128  # D
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads: grouped-query attention
+  head_dim: int = 32
+  d_ff: int = 512  # dense FFN width (dense blocks, and the dense baseline)
+  max_len: int = 256  # longest sequence the model accepts
+  moe: MoeConfig | None = None
+  moe_interval: int = 1  # an MoE block every n-th block
+  first_moe_layer: int = 0  # index of the first MoE block
+  dtype: str = "float32"  # compute dtype; params and router stay float32
+  scan_layers: bool = False  # nn.scan over identical blocks
+  remat: bool = False  # rematerialize each block in the backward pass
+  # Architecture options used by converted checkpoints (GPT-2, Mixtral).
+  norm: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
+  norm_eps: float = 1e-6
+  positions: str = "rope"  # "rope" | "learned"
+  rope_theta: float = 10000.0
+  mlp_activation: str = "swiglu"  # dense FFN: "swiglu" | "gelu"
+  attention_bias: bool = False  # biases on q/k/v/o and dense MLP projections
+  tie_embeddings: bool = False
+  sliding_window: int | None = None  # attend to at most this many previous tokens
+  logits_soft_cap: float | None = None
+
+  def is_moe_layer(self, i: int) -> bool:
+    return (self.moe is not None and i >= self.first_moe_layer
+            and (i - self.first_moe_layer) % self.moe_interval == 0)
+
+
+def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
+  """The `model` and `moe` groups of a config -> ModelConfig (moe=None when cfg.moe.enabled is off)."""
+  d = dict(cfg.model)
+  check_fields("model", d, ModelConfig)
+  if vocab_size is not None and d.get("vocab_size", -1) in (-1, 0, None):
+    d["vocab_size"] = vocab_size
+  moe = moe_config_from(cfg.moe) if cfg.moe.get("enabled", True) else None
+  return ModelConfig(moe=moe, **d)
+
+
+def validate_model(mc: ModelConfig) -> None:
+  """Every check on the model's settings (and its MoE layer's). Raises ConfigError (one line)."""
+  for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "d_ff", "max_len", "moe_interval"):
+    check_int(f"model.{f}", getattr(mc, f), 1)
+  if mc.num_heads % mc.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads ({mc.num_kv_heads}) must divide model.num_heads "
+                      f"({mc.num_heads})")
+  check_int("model.first_moe_layer", mc.first_moe_layer, 0)
+  check_choice("model.dtype", mc.dtype, DTYPES)
+  check_choice("model.norm", mc.norm, ("rms", "layer"))
+  check_choice("model.positions", mc.positions, ("rope", "learned"))
+  check_choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
+  if mc.positions == "rope" and mc.head_dim % 2:
+    raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")
+  if mc.sliding_window is not None:
+    check_positive("model.sliding_window", mc.sliding_window)
+  if mc.moe is not None:
+    validate_moe(mc.moe, causal=True)

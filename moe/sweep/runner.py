@@ -1,0 +1,214 @@
+"""Ablation sweeps, the runner: trains every (member, seed) run of a sweep config, then reports.
+
+The format of a sweep config and its expansion into runs live in `moe/sweep_spec.py`.
+
+`run(cfg, workdir, shard="i/n")` trains the i-th round-robin slice of the (seed, member) runs into
+`workdir/<member>/seed<k>/`, skipping runs whose summary.json says completed or diverged (an
+interrupted run is simply called again: the trainer resumes from its checkpoint), then writes the
+report (`moe/report.py`), partial if runs are missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from typing import Callable
+
+from moe.errors import ConfigError
+from moe.sweep.spec import Run, Sweep, apply_override, expand, parse_shard
+
+DONE_STATUSES = ("completed", "diverged")
+SWEEP_FILE = "sweep.json"  # the expanded sweep, written into the sweep's workdir
+RUN_INFO_FILE = "sweep_run.json"  # per run: machine, wall time, written by the runner
+SUMMARY_FILE = "summary.json"  # per run: written by the trainer
+METRICS_FILE = "metrics.jsonl"  # per run: written by the trainer
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json(path: str, obj) -> None:
+  """Atomic write (parallel shards share the sweep directory)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=False, default=repr)
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def run_status(rundir: str) -> str | None:
+  s = read_json(os.path.join(rundir, SUMMARY_FILE))
+  return s.get("status") if isinstance(s, dict) else None
+
+
+def machine_description() -> str:
+  parts = [platform.node() or "?", platform.machine(), f"{os.cpu_count()} CPU cores"]
+  try:
+    import jax  # the trainer imports it anyway
+    devs = jax.devices()
+    parts.append(f"{len(devs)}x {devs[0].device_kind} ({jax.default_backend()})")
+  except Exception:  # noqa: BLE001 - the description is best effort
+    pass
+  return ", ".join(parts)
+
+
+def command_for(sweep: Sweep, workdir: str) -> str:
+  cmd = f"python launch.py --config={sweep.config_file or '<config>'} --workdir={workdir}"
+  if sweep.scale != "cpu":
+    cmd += f" --config.sweep.scale={sweep.scale}"
+  if sweep.smoke:
+    cmd += " --config.sweep.smoke=True"
+  return cmd
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _default_eval_fn():
+  try:
+    from moe.train import trainer as train
+  except ImportError:
+    return None
+  return getattr(train, "evaluate", None)
+
+
+def _eval_config(run: Run, overrides: dict):
+  c = copy.deepcopy(run.cfg)
+  for p, v in overrides.items():
+    apply_override(c, p, v, "sweep.eval_overrides")
+  return c
+
+
+def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
+        eval_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+  """Trains this shard's runs (skipping finished ones), extra-evaluates them, writes the report.
+
+  Returns {"trained", "skipped", "failed", "preempted": ["member/seedK", ...], "report": paths}.
+  """
+  index, count = parse_shard(shard)
+  sweep = expand(cfg, workdir)  # every ConfigError surfaces here, before any training
+  if train_fn is None:
+    from moe.train import trainer as train  # imported late: tests inject a fake and need no trainer
+    for r in sweep.runs:  # the trainer's own static checks, before anything trains
+      try:
+        train.validate_config(r.cfg)
+      except ConfigError as e:
+        raise ConfigError(f"sweep member {r.member} (seed {r.seed}): {e}") from None
+    train_fn = train.train_and_evaluate
+  if eval_fn is None and sweep.eval_overrides:
+    eval_fn = _default_eval_fn()
+  _check_existing(sweep, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  info = sweep.to_json()
+  info["command"] = command_for(sweep, workdir)
+  info["argv"] = shlex.join([os.path.basename(sys.executable)] + sys.argv)
+  info["extra_eval_available"] = eval_fn is not None
+  write_json(os.path.join(workdir, SWEEP_FILE), info)
+
+  mine = sweep.runs[index::count]
+  done = {"trained": [], "skipped": [], "failed": [], "preempted": []}
+  machine = None
+  for n, r in enumerate(mine):
+    rundir = r.dirname(workdir)
+    tag = f"{r.member}/seed{r.seed}"
+    status = run_status(rundir)
+    if status in DONE_STATUSES:
+      log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: {status}, skipped")
+      done["skipped"].append(tag)
+    else:
+      os.makedirs(rundir, exist_ok=True)
+      machine = machine or machine_description()
+      write_json(os.path.join(rundir, "config.json"), r.cfg.to_dict())
+      log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: "
+          f"{'resuming' if status else 'training'}")
+      t0 = time.time()
+      error = None
+      try:
+        train_fn(r.cfg, rundir)
+      except Exception as e:  # noqa: BLE001 - one failed member must not stop the sweep
+        error = f"{type(e).__name__}: {e}".splitlines()[0]
+        log(f"[sweep] {tag} raised {error}\n{traceback.format_exc()}")
+      wall = time.time() - t0
+      prev = read_json(os.path.join(rundir, RUN_INFO_FILE)) or {}
+      write_json(os.path.join(rundir, RUN_INFO_FILE), {
+          "machine": machine, "wall_s": wall + float(prev.get("wall_s", 0.0)),
+          "finished": datetime.datetime.now().isoformat(timespec="seconds"), "error": error})
+      status = run_status(rundir)
+      if error is not None and status not in DONE_STATUSES + ("failed",):
+        write_json(os.path.join(rundir, SUMMARY_FILE),
+                   {"status": "failed", "error": error, "written_by": "moe.sweep"})
+        status = "failed"
+      if status == "preempted":  # the trainer saw SIGTERM / a stop request: stop the sweep too
+        log(f"[sweep {index}/{count}] {tag} was preempted; rerun the same command to resume")
+        done["preempted"].append(tag)
+        break
+      (done["failed"] if status not in DONE_STATUSES else done["trained"]).append(tag)
+    if status == "completed" and sweep.eval_overrides:
+      _extra_evals(sweep, r, rundir, eval_fn, log)
+
+  from moe.sweep import report  # no jax, no trainer
+  paths = report.write_report(workdir)
+  log(f"[sweep {index}/{count}] report: {paths['table.md']}")
+  done["report"] = paths
+  return done
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=repr))
+  out.pop("data.tfds_data_dir", None)  # depends on where the workdir is mounted
+  return out
+
+
+def _check_existing(sweep: Sweep, workdir: str) -> None:
+  """A run directory left by a different config would be silently reused: refuse it."""
+  for r in sweep.runs:
+    old = read_json(os.path.join(r.dirname(workdir), "config.json"))
+    if old is None:
+      continue
+    a, b = _flat(old), _flat(r.cfg.to_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+      raise ConfigError(f"{r.dirname(workdir)} holds a run of a different config (differs in "
+                        f"{diff[:5]}); use a fresh --workdir or delete that run")
+
+
+def _extra_evals(sweep: Sweep, r: Run, rundir: str, eval_fn, log) -> None:
+  for e in sweep.eval_overrides:
+    path = os.path.join(rundir, f"eval_{e['name']}.json")
+    if os.path.exists(path):
+      continue
+    if eval_fn is None:
+      log(f"[sweep] {r.member}/seed{r.seed}: extra evaluation {e['name']!r} skipped: "
+          f"moe.train.trainer.evaluate(cfg, workdir) does not exist")
+      continue
+    try:
+      metrics = eval_fn(_eval_config(r, e["overrides"]), rundir)
+    except Exception as err:  # noqa: BLE001 - reported in the table, not fatal
+      log(f"[sweep] {r.member}/seed{r.seed}: extra evaluation {e['name']!r} failed: {err}")
+      continue
+    clean = {}
+    for k, v in dict(metrics).items():
+      try:
+        clean[k] = float(v)  # python, numpy and 0-d jax numbers
+      except (TypeError, ValueError):
+        clean[k] = v if isinstance(v, (str, bool, type(None))) else repr(v)
+    write_json(path, {"overrides": e["overrides"], "metrics": clean})

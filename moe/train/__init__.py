@@ -1,0 +1,1 @@
+"""Training: the trainer's phases, the jitted step, config checks, metrics, checkpoints, upcycling."""

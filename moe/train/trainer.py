@@ -1,0 +1,424 @@
+"""Training and evaluation: `train_and_evaluate(cfg, workdir) -> summary dict`.
+
+Phases, in order (each one a few lines below):
+
+  1. validate     every user error, one line each (`ConfigError`, `moe.train.checks`), before
+                  anything is compiled:
+                  model/MoE fields, train fields, data fields, the workdir, batch vs. mesh
+  2. mesh         `moe.sharding.make_mesh(cfg.mesh)`
+  3. data         `moe.data.pipeline.make_data` (tokenizer, packed rows, iterator, eval batches)
+  4. shapes       `jax.eval_shape` of the model's init: the abstract params and `moe_bias`
+  5. shardings    logical axis names -> `NamedSharding`s through `moe.sharding.LOGICAL_RULES`
+  6. checkpoint   resume target: the newest checkpoint in `workdir/checkpoints` (or
+                  `train.init_from`) must fit the abstract state, else a one-line error naming
+                  the first differing param and both shapes
+  7. init         params initialized by a jit with `out_shardings` (no host holds all params),
+                  optimizer state likewise; then restored from the checkpoint, or loaded from
+                  `train.init_from` (optionally upcycled from a dense model)
+  8. step         jit of `moe.train.step.make_train_step` (AdamW, warmup + cosine, clipping,
+                  cross-entropy + every MoE layer's aux_loss, moe_bias kept from the forward pass)
+  9. loop         train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
+                  progress line; evaluation every `eval_every` and at the end; a checkpoint every
+                  `checkpoint_every` and at the end; SIGTERM -> checkpoint and stop ("preempted");
+                  a non-finite loss stops the run ("diverged")
+ 10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, wall time, steps
+
+Only process 0 writes metrics.jsonl, summary.json and TensorBoard files; every process writes
+its own shards of each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+
+from moe.train import checkpoint as ckpt_lib
+from moe.train import metrics as metrics_lib
+from moe.train import step as step_lib
+from moe.errors import ConfigError
+from moe.model.config import model_config_from, validate_model
+from moe import sharding as sharding_lib
+from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
+from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
+
+SUMMARY_FILE = "summary.json"
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
+
+
+# ----------------------------------------------------------------------------- 4./5. shapes
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs before compiling: built by `setup`, shared with `evaluate`."""
+
+  cfg: Any
+  workdir: str
+  mesh: Any
+  data: Any
+  model_cfg: Any
+  model: nn.Module
+  init_fn: Any  # rng -> {"params": ..., "moe_bias": ...} (unboxed)
+  abstract: dict  # ShapeDtypeStructs of init_fn's output, with shardings
+  shardings: dict  # NamedShardings like init_fn's output
+  batch_sharding: NamedSharding
+
+
+def enable_compilation_cache(workdir: str) -> None:
+  """XLA executables cached on disk in `<workdir>/../.jax_cache` (beside the runs, like the data
+  cache), unless JAX_COMPILATION_CACHE_DIR / jax's config already names a directory. A resumed
+  run, and every seed of a sweep, then skips most of the compilation."""
+  if jax.config.jax_compilation_cache_dir:
+    return
+  path = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def setup(cfg, workdir: str) -> Setup:
+  """Phases 1-5: validate, mesh, data, shapes, shardings. Nothing is compiled here."""
+  # 1. validate (static fields, workdir)
+  validate_config(cfg)
+  for warning in config_warnings(cfg):
+    logging.warning("config: %s", warning)
+  check_workdir(workdir)
+  enable_compilation_cache(workdir)
+  # 2. mesh (its sizes against the devices, batch, experts and widths first)
+  sharding_lib.validate_mesh(cfg, jax.device_count(), jax.process_count())
+  mesh = make_mesh(cfg.mesh)
+  # 3. data
+  from moe.data import pipeline as data_lib
+  data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
+  validate_model(model_cfg)
+  from moe.model.transformer import Transformer, check_scan
+  check_scan(model_cfg)
+  model = Transformer(model_cfg)
+  # 4. shapes
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+
+  def boxed_init(rng):
+    params_rng, jitter_rng = jax.random.split(rng)
+    variables = model.init({"params": params_rng, "jitter": jitter_rng, "dropout": jitter_rng},
+                           jnp.zeros((B, L), jnp.int32), train=False)
+    return {"params": variables["params"], "moe_bias": variables.get("moe_bias", {})}
+
+  with sharding_lib.activate(mesh):
+    boxed = jax.eval_shape(boxed_init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  # 5. shardings
+  specs = nn.get_partition_spec(boxed)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  unboxed = nn.meta.unbox(boxed)
+  check_divisible(unboxed, shardings, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          unboxed, shardings)
+  return Setup(cfg=cfg, workdir=workdir, mesh=mesh, data=data, model_cfg=model_cfg, model=model,
+               init_fn=lambda rng: nn.meta.unbox(boxed_init(rng)), abstract=abstract,
+               shardings=shardings, batch_sharding=logical_sharding(mesh, ("batch", "length")))
+
+
+def global_batch(batch: dict, sharding) -> dict:
+  """This process's rows [B/P, L] -> global arrays [B, L] sharded by batch."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
+
+
+def _opt_shardings(tx, abstract_params, param_shardings, mesh):
+  """(abstract optimizer state, its shardings): a leaf that mirrors a param (Adam's mu and nu:
+  its key path ends with the param's path and it has the param's shape) is sharded like the
+  param, anything else (counts) is replicated. Frozen params' slots are `optax.MaskedNode`s,
+  which hold no array."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                              jax.tree.leaves(param_shardings)):
+    by_path[tuple(ckpt_lib.key_names(path))] = (tuple(leaf.shape), sh)
+
+  def pick(path, leaf):
+    names = tuple(ckpt_lib.key_names(path))
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return sharding_lib.replicated(mesh)
+
+  return abstract_opt, jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_eval(eval_step, params, moe_bias, batches) -> dict:
+  sums: dict[str, float] = {}
+  for b in batches:
+    out = jax.device_get(eval_step(params, moe_bias, b))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return step_lib.eval_metrics(sums) if sums else {}
+
+
+def evaluate(cfg, workdir: str) -> dict:
+  """Evaluates the newest checkpoint in `workdir` under `cfg` (e.g. another eval capacity factor).
+
+  Returns the eval metrics (eval_loss, eval_cross_entropy, eval_bits_per_byte, ...).
+  """
+  s = setup(cfg, workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  abstract = {k: v for k, v in s.abstract.items() if v}  # moe_bias is {} in a dense model
+  loaded = ckpt_lib.load_state_items(directory, abstract, where=f"--workdir={workdir}")
+  loaded.setdefault("moe_bias", {})
+  eval_step = jax.jit(step_lib.make_eval_step(s.model))
+  batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
+  with sharding_lib.activate(s.mesh):
+    return run_eval(eval_step, loaded["params"], loaded["moe_bias"], batches)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=repr)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+
+  `stop_at_step`: stop once this step is reached as if preempted (checkpoint, status
+  "preempted"), for time-sliced jobs and for resume tests; the schedule still targets
+  `train.steps`.
+  """
+  t_start = time.time()
+  tc = cfg.train
+  # Phases 1-5: validate, mesh, data, shapes, shardings (nothing compiled).
+  s = setup(cfg, workdir)
+  tx, frozen, schedule = step_lib.make_optimizer(tc, s.abstract["params"])
+  if all(jax.tree.leaves(frozen)):
+    raise ConfigError(f"train.trainable={tc.trainable!r} leaves no parameter to train in this "
+                      "model (e.g. 'moe' in a dense model)")
+  abstract_state, state_shardings = _abstract_state(s, tx)
+
+  # 6. checkpoint: the newest one in the workdir (or init_from) must fit, before compiling.
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=tc.keep_checkpoints)
+  resume_step = checkpointer.latest_step()
+  _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
+
+  # Phases 7-9 trace and run under the mesh (`jax.set_mesh` + the logical axis rules), which is
+  # what lets activation constraints and the expert-parallel MoE layer see it.
+  with sharding_lib.activate(s.mesh):
+    # 7. init: sharded by construction; then the checkpoint, or init_from's params.
+    state = _initial_state(cfg, s, tx, state_shardings, fresh=resume_step is None)
+    if resume_step is not None:
+      state, data_state = checkpointer.restore(resume_step, abstract_state)
+      s.data.train_iter.set_state(data_state)
+      logging.info("resumed from %s/%d", checkpointer.directory, resume_step)
+
+    # 8. step: compiled ahead of the loop, so compile time is reported on its own.
+    t_compile = time.time()
+    train_step = jax.jit(step_lib.make_train_step(s.model, tx, frozen, schedule),
+                         in_shardings=(state_shardings, s.batch_sharding),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    train_step = train_step.lower(abstract_state, _batch_shapes(cfg, s)).compile()
+    compile_s = time.time() - t_compile
+    eval_step = jax.jit(step_lib.make_eval_step(s.model))
+    eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
+
+    # 9. loop
+    loop = _Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
+                 last_saved=resume_step)
+    state = loop.run(state, stop_at_step)
+  checkpointer.close()
+  loop.log.close()
+
+  # 10. summary
+  from moe.model.transformer import active_params, count_params
+  summary = {
+      "status": loop.status, "step": loop.step, "steps": tc.steps, **loop.last_eval,
+      "tokens_per_s": (loop.train_steps * _tokens_per_step(cfg) / loop.train_time
+                       if loop.train_time > 0 else None),
+      "train_time_s": round(loop.train_time, 3), "compile_time_s": round(compile_s, 3),
+      "wall_time_s": round(time.time() - t_start, 3), "resumed_from_step": resume_step,
+      "num_params": count_params(s.abstract["params"]),
+      "num_active_params": active_params(s.model_cfg),
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      "mesh": {k: int(v) for k, v in s.mesh.shape.items()}, "data": s.data.info,
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+  logging.info("%s at step %d: %s", loop.status, loop.step, loop.last_eval)
+  return summary
+
+
+def _tokens_per_step(cfg) -> int:
+  return cfg.train.batch_size * cfg.data.seq_len
+
+
+def _batch_shapes(cfg, s: Setup) -> dict:
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+  floats = ("loss_mask", "target_bytes")
+  return {k: jax.ShapeDtypeStruct((B, L), jnp.float32 if k in floats else jnp.int32,
+                                  sharding=s.batch_sharding) for k in BATCH_KEYS}
+
+
+def _abstract_state(s: Setup, tx) -> tuple[dict, dict]:
+  """The training state as ShapeDtypeStructs with shardings, and the shardings alone."""
+  rep = sharding_lib.replicated(s.mesh)
+  abstract_opt, opt_shardings = _opt_shardings(tx, s.abstract["params"], s.shardings["params"],
+                                               s.mesh)
+  shardings = {"step": rep, "params": s.shardings["params"], "opt_state": opt_shardings,
+               "moe_bias": s.shardings["moe_bias"], "rng": rep}
+  abstract = {
+      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+      "params": s.abstract["params"],
+      "opt_state": jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                abstract_opt, opt_shardings),
+      "moe_bias": s.abstract["moe_bias"],
+      "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+  return abstract, shardings
+
+
+def _check_checkpoints(cfg, workdir, s: Setup, checkpointer, resume_step, abstract_state):
+  """One-line ConfigError if the checkpoint to resume (or init_from) does not fit."""
+  tc = cfg.train
+  if resume_step is not None:
+    ckpt_lib.check_compatible(
+        ckpt_lib.saved_state_shapes(checkpointer.directory, resume_step), abstract_state,
+        where=f"the checkpoint in --workdir={workdir} (step {resume_step})",
+        fix="use a fresh --workdir or the config that wrote it")
+  elif tc.init_from and not tc.upcycle:
+    directory, step = ckpt_lib.resolve(tc.init_from)
+    ckpt_lib.check_compatible(
+        ckpt_lib.saved_state_shapes(directory, step), s.abstract["params"],
+        where=f"train.init_from={tc.init_from!r} (step {step})",
+        fix="init_from needs a checkpoint of the same architecture", prefix="params/")
+
+
+def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:
+  """Step-0 state: params (or init_from's when `fresh`), a fresh optimizer, the run's rng.
+
+  A resumed run still builds it (cheap, and already sharded) and then restores over it."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+  variables = jax.jit(s.init_fn, out_shardings=s.shardings)(init_rng)
+  params = variables["params"]
+  if fresh and cfg.train.init_from:
+    params = _initial_params(cfg, s)
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+          "params": params, "opt_state": opt_state, "moe_bias": variables["moe_bias"],
+          "rng": jax.device_put(train_rng, shardings["rng"])}
+
+
+class _Loop:
+  """Phase 9: steps, logging windows, evaluation, checkpoints, preemption, divergence."""
+
+  def __init__(self, cfg, workdir, s: Setup, checkpointer, train_step, eval_step, eval_batches,
+               *, last_saved):
+    self.cfg, self.s, self.checkpointer = cfg, s, checkpointer
+    self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
+    self.log = metrics_lib.MetricsLog(workdir, total_steps=cfg.train.steps,
+                                      primary=jax.process_index() == 0)
+    self.status, self.step, self.last_eval = "completed", 0, {}
+    self.last_saved = last_saved
+    self.train_time, self.train_steps = 0.0, 0
+    self.window: list = []
+    self.watch = metrics_lib.Stopwatch()  # the current logging window, minus eval / saving
+
+  def run(self, state, stop_at_step):
+    tc = self.cfg.train
+    self.step = int(jax.device_get(state["step"]))
+    start_step = self.step
+    self.log.truncate_after(self.step)  # records a killed run wrote after its last checkpoint
+    with ckpt_lib.PreemptionGuard() as guard:
+      while self.step < tc.steps:
+        if guard.requested() or (stop_at_step is not None and self.step >= stop_at_step):
+          self.status = "preempted"
+          break
+        batch = global_batch(next(self.s.data.train_iter), self.s.batch_sharding)
+        state, m = self.train_step(state, batch)
+        self.step += 1
+        self.window.append(m)
+        due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+        if not self._log_and_eval(state) or (due and not self._save(state)):
+          self._diverged()
+          break
+      if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
+        self._diverged()
+    if self.status == "completed" and self.step == start_step and not self.last_eval:
+      self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
+                                self.eval_batches)  # resumed a finished run: evaluate it
+    return state
+
+  def _log_and_eval(self, state) -> bool:
+    """Writes this step's record if one is due; False when the loss is not finite."""
+    tc, step = self.cfg.train, self.step
+    record = {}
+    if step % tc.log_every == 0 or step == tc.steps:
+      host = jax.device_get(self.window)
+      elapsed = max(self.watch.elapsed(), 1e-9)
+      record = metrics_lib.summarize_window(host)
+      record["steps_per_s"] = len(host) / elapsed
+      record["tokens_per_s"] = len(host) * _tokens_per_step(self.cfg) / elapsed
+      self.train_time += elapsed
+      self.train_steps += len(host)
+      self.window = []
+      self.watch.restart()
+    if step % tc.eval_every == 0 or step == tc.steps:
+      t0 = time.time()
+      self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
+                                self.eval_batches)
+      self.watch.exclude(time.time() - t0)
+      record.update(self.last_eval)
+    if record:
+      self.log.write(step, record)
+      if "loss" in record:
+        self.log.progress(step, record, steps_per_s=record["steps_per_s"])
+    return metrics_lib.is_finite_record(record)
+
+  def _diverged(self):
+    self.status = "diverged"
+    logging.warning("non-finite loss at step %d: stopping (status 'diverged')", self.step)
+
+  def _save(self, state) -> bool:
+    """Saves a checkpoint of `state`; False (nothing saved) when a step since the last logging
+    window had a non-finite loss: a diverged state is never saved, whatever asked for it."""
+    if not _finite(self.window, "loss"):
+      return False
+    t0 = time.time()
+    self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state())
+    self.last_saved = self.step
+    self.watch.exclude(time.time() - t0)
+    return True
+
+
+def _finite(window, key: str) -> bool:
+  """True unless a not-yet-logged step in `window` has a non-finite `key` (forces a sync)."""
+  if not window:
+    return True
+  vals = np.asarray(jax.device_get([m[key] for m in window]), np.float64)
+  return bool(np.all(np.isfinite(vals)))
+
+
+def _initial_params(cfg, s: Setup):
+  """`train.init_from`: the params of another checkpoint (same architecture), or a dense
+  checkpoint turned into this MoE model by `moe.train.upcycle` (`train.upcycle`)."""
+  tc = cfg.train
+  if tc.upcycle:
+    from moe.train import upcycle
+    dense = ckpt_lib.load_params(tc.init_from)
+    new = upcycle.upcycle_params(dense, s.abstract["params"], cfg)
+    return jax.device_put(new, s.shardings["params"])
+  return ckpt_lib.load_params(tc.init_from, s.abstract["params"], where="train.init_from")

@@ -1,0 +1,280 @@
+"""Every dispatch strategy against the brute-force reference: forward and gradients, with and
+without capacity, both activations, padding, dropped assignments, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe.layer import dispatch
+from moe.layer import grouped as dispatch_grouped
+from moe.layer import rows as dispatch_rows
+from moe.layer import routing as routing_lib
+from moe.errors import ConfigError
+from moe.layer.routing import Routing
+
+G, T, E, K, D, F = 3, 37, 5, 2, 12, 20
+SEEDS = (0, 1, 2)
+
+
+def make_routing(key, *, capacity, num_experts=E, num_selected=K, groups=G, tokens=T,
+                 pad_fraction=0.15, skew=0.0):
+  """Routing built here with numpy (independent of moe.layer.routing): random logits, top-k, slots in
+  choice-major then token order, capacity drops, padding tokens never routed."""
+  k1, k2, k3 = jax.random.split(key, 3)
+  logits = np.array(jax.random.normal(k1, (groups, tokens, num_experts)))
+  logits[..., 0] += skew  # skew > 0 crowds expert 0 to force drops / an unbalanced load
+  mask = np.asarray(jax.random.uniform(k2, (groups, tokens)) >= pad_fraction)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expert = np.argsort(-probs, axis=-1, kind="stable")[..., :num_selected].astype(np.int32)
+  gate = np.take_along_axis(probs, expert, -1)
+  gate /= gate.sum(-1, keepdims=True)
+  # Random positive weights so that gradients w.r.t. them are not all alike.
+  gate *= np.asarray(jax.random.uniform(k3, gate.shape, minval=0.5, maxval=1.5))
+  slot = np.full(expert.shape, -1, np.int32)
+  for g in range(groups):
+    fill = np.zeros(num_experts, np.int64)
+    for k in range(num_selected):
+      for t in range(tokens):
+        if not mask[g, t]:
+          continue
+        e = expert[g, t, k]
+        if capacity is None or fill[e] < capacity:
+          slot[g, t, k] = fill[e]
+        fill[e] += 1
+  weights = np.where(slot >= 0, gate, 0.0).astype(np.float32)
+  return Routing(expert_index=jnp.asarray(expert), combine_weights=jnp.asarray(weights),
+                 slot=jnp.asarray(slot), probs=jnp.asarray(probs, jnp.float32),
+                 logits=jnp.asarray(logits, jnp.float32), token_mask=jnp.asarray(mask),
+                 capacity=capacity)
+
+
+def make_params(key, activation, num_experts=E, d=D, f=F, dtype=jnp.float32):
+  kx, ki, kg, ko = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (G, T, d), dtype)
+  w_in = jax.random.normal(ki, (num_experts, d, f)) / np.sqrt(d)
+  w_gate = jax.random.normal(kg, (num_experts, d, f)) / np.sqrt(d) if activation == "swiglu" else None
+  w_out = jax.random.normal(ko, (num_experts, f, d)) / np.sqrt(f)
+  return x, w_in, w_gate, w_out
+
+
+def value_and_grads(strategy, activation):
+  """jit of (y, grads of a random projection of y w.r.t. x, weights, combine weights)."""
+
+  def loss(x, w_in, w_gate, w_out, cw, routing, proj):
+    r = routing.replace(combine_weights=cw)
+    y = dispatch.apply_experts(x, r, w_in, w_gate, w_out, activation=activation,
+                               strategy=strategy)
+    return jnp.sum(y.astype(jnp.float32) * proj), y
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+  return jax.jit(grad)
+
+
+def assert_close(a, b, tol, what):
+  a = np.asarray(a, np.float32)
+  b = np.asarray(b, np.float32)
+  scale = max(float(np.abs(b).max()), 1e-3)
+  np.testing.assert_allclose(a, b, atol=tol * scale, rtol=tol, err_msg=what)
+
+
+CASES = [("einsum", 9), ("gather", 9), ("grouped", 9), ("grouped", None), ("ragged", 9),
+         ("ragged", None)]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("strategy,capacity", CASES)
+def test_strategy_matches_reference(strategy, capacity, activation):
+  fast = value_and_grads(strategy, activation)
+  ref = value_and_grads("reference", activation)
+  for seed in SEEDS:
+    kr, kp, kq = jax.random.split(jax.random.PRNGKey(seed), 3)
+    # C=9 with skewed logits guarantees drops (expert 0 wants far more than 9 per group).
+    routing = make_routing(kr, capacity=capacity, skew=1.5 if capacity else 0.0)
+    if capacity is not None:
+      assert int(jnp.sum(routing.slot < 0)) > int(jnp.sum(~routing.token_mask)) * K
+    x, w_in, w_gate, w_out = make_params(kp, activation)
+    proj = jax.random.normal(kq, x.shape)
+    args = (x, w_in, w_gate, w_out, routing.combine_weights, routing, proj)
+    (_, y_fast), g_fast = fast(*args)
+    (_, y_ref), g_ref = ref(*args)
+    assert y_fast.shape == x.shape and y_fast.dtype == x.dtype
+    assert float(jnp.abs(y_ref).max()) > 0.1  # the comparison is not between two zeros
+    assert_close(y_fast, y_ref, 1e-5, f"{strategy} output, seed {seed}")
+    for name, a, b in zip(("x", "w_in", "w_gate", "w_out", "combine_weights"), g_fast, g_ref):
+      if b is None:
+        assert a is None
+        continue
+      assert float(jnp.abs(b).max()) > 0, name
+      assert_close(a, b, 1e-5, f"{strategy} grad {name}, seed {seed}")
+
+
+@pytest.mark.parametrize("strategy", dispatch.STRATEGIES)
+def test_dropped_assignments_contribute_exactly_zero(strategy):
+  capacity = 6
+  routing = make_routing(jax.random.PRNGKey(3), capacity=capacity, skew=2.0)
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(4), "swiglu")
+  dropped = routing.slot < 0
+  # Garbage weights on dropped assignments must be ignored, not just multiplied by zero.
+  noisy = routing.replace(combine_weights=jnp.where(dropped, 7.0, routing.combine_weights))
+  run = jax.jit(lambda r: dispatch.apply_experts(x, r, w_in, w_gate, w_out,
+                                                 activation="swiglu", strategy=strategy))
+  y_clean, y_noisy = run(routing), run(noisy)
+  np.testing.assert_array_equal(np.asarray(y_clean), np.asarray(y_noisy))
+  # Tokens whose every assignment was dropped (or that are padding) get exactly zero.
+  all_dropped = np.asarray(jnp.all(dropped, axis=-1))
+  assert all_dropped.sum() > 0
+  assert np.all(np.asarray(y_clean)[all_dropped] == 0.0)
+  # A token with one kept choice gets exactly that expert's contribution (checked by hand).
+  one_kept = np.argwhere(np.asarray(jnp.sum(~dropped, axis=-1)) == 1)
+  assert len(one_kept) > 0
+  g, t = one_kept[0]
+  k = int(np.argmax(np.asarray(~dropped[g, t])))
+  e = int(routing.expert_index[g, t, k])
+  want = float(routing.combine_weights[g, t, k]) * dispatch.expert_ffn(
+      x[g, t], w_in[e], w_gate[e], w_out[e], "swiglu")
+  assert_close(y_clean[g, t], want, 1e-5, "single kept choice")
+
+
+@pytest.mark.parametrize("strategy,capacity", CASES)
+def test_padding_tokens_get_zero_output(strategy, capacity):
+  routing = make_routing(jax.random.PRNGKey(5), capacity=capacity, pad_fraction=0.4)
+  # Padding tokens keep their (meaningless) expert choices; only slot/weights mark them.
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(6), "gelu")
+  y = dispatch.apply_experts(x, routing, w_in, None, w_out, activation="gelu", strategy=strategy)
+  pad = ~np.asarray(routing.token_mask)
+  assert pad.sum() > 0
+  assert np.all(np.asarray(y)[pad] == 0.0)
+  assert np.all(np.abs(np.asarray(y)[~pad]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("strategy,capacity", CASES)
+def test_bfloat16_runs_and_is_close(strategy, capacity):
+  routing = make_routing(jax.random.PRNGKey(7), capacity=capacity)
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(8), "swiglu")
+  want = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
+                                strategy="reference")
+
+  def loss(x, w_in):
+    y = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
+                               strategy=strategy)
+    return jnp.sum(y.astype(jnp.float32)), y
+
+  (_, y), (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      x.astype(jnp.bfloat16), w_in)
+  assert y.dtype == jnp.bfloat16 and gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+  assert_close(y, want, 3e-2, f"{strategy} bf16")
+  assert np.all(np.isfinite(np.asarray(gx, np.float32))) and np.all(np.isfinite(np.asarray(gw)))
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "ragged"])
+def test_dropless_with_everything_on_one_expert(strategy):
+  """The worst imbalance: every token's first choice is expert 0 (more than a tile, a group)."""
+  routing = make_routing(jax.random.PRNGKey(9), capacity=None, skew=50.0, pad_fraction=0.0)
+  assert bool(jnp.all(routing.expert_index[..., 0] == 0))
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(10), "swiglu")
+  got = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
+                               strategy=strategy)
+  want = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
+                                strategy="reference")
+  assert_close(got, want, 1e-5, strategy)
+
+
+@pytest.mark.parametrize("tile", [1, 8, 64])
+def test_grouped_ffn_any_tile_matches_per_row_ffn(tile):
+  """The tile loop on its own: each row gets its tile's expert's FFN; the gradients too."""
+  routing = make_routing(jax.random.PRNGKey(11), capacity=None)
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(12), "swiglu")
+  layout, tile_expert, num_tiles = dispatch_rows.tiled_layout(
+      routing.expert_index, routing.slot, E, tile)
+  x_RD = dispatch_rows.dispatch_rows(x.reshape(G * T, D), layout)
+  R = layout.num_rows
+  row_expert = np.repeat(np.asarray(tile_expert), tile)
+  used = np.arange(R) < int(num_tiles) * tile
+  # Layout invariants: every placed assignment sits in a tile of its own expert, rows unique.
+  row_of = np.asarray(layout.row_of)
+  placed = row_of < R
+  assert placed.sum() == int(jnp.sum(routing.slot >= 0))
+  assert len(np.unique(row_of[placed])) == placed.sum()
+  assert np.all(row_expert[row_of[placed]] == np.asarray(routing.expert_index).reshape(-1)[placed])
+  assert np.all(used[row_of[placed]])
+  assert int(num_tiles) <= -(-placed.sum() // tile) + E
+
+  def by_tiles(x_RD, w_in, w_gate, w_out):
+    return dispatch_grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
+                                        tile=tile, activation="swiglu")
+
+  def by_rows(x_RD, w_in, w_gate, w_out):
+    e = jnp.asarray(row_expert)
+    y = jax.vmap(lambda xr, e: dispatch.expert_ffn(xr, w_in[e], w_gate[e], w_out[e], "swiglu"))(
+        x_RD, e)
+    return jnp.where(jnp.asarray(used)[:, None], y, 0.0)
+
+  proj = jax.random.normal(jax.random.PRNGKey(13), x_RD.shape)
+  args = (x_RD, w_in, w_gate, w_out)
+  got = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(by_tiles(*a) * proj),
+                                   argnums=(0, 1, 2, 3)))(*args)
+  want = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(by_rows(*a) * proj),
+                                    argnums=(0, 1, 2, 3)))(*args)
+  assert_close(got[0], want[0], 1e-5, "value")
+  for a, b in zip(got[1], want[1]):
+    assert_close(a, b, 1e-5, "grad")
+
+
+def test_with_the_project_router():
+  """The routers of moe.layer.routing (token choice with capacity, dropless, expert choice) feed every
+  strategy unchanged."""
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(14), "swiglu")
+  logits = jax.random.normal(jax.random.PRNGKey(15), (G, T, E))
+  mask = jax.random.uniform(jax.random.PRNGKey(16), (G, T)) > 0.2
+  routings = {
+      "capacity": routing_lib.top_k_routing(logits, num_selected=K, capacity=11,
+                                            padding_mask=mask),
+      "dropless": routing_lib.top_k_routing(logits, num_selected=K, capacity=None,
+                                            padding_mask=mask),
+      "expert_choice": routing_lib.expert_choice_routing(logits, capacity=8, padding_mask=mask),
+  }
+  for name, r in routings.items():
+    outs = {}
+    for strategy in dispatch.STRATEGIES:
+      if r.capacity is None and strategy in dispatch.CAPACITY_ONLY:
+        continue
+      run = jax.jit(lambda x, r, s=strategy: dispatch.apply_experts(
+          x, r, w_in, w_gate, w_out, activation="swiglu", strategy=s))
+      outs[strategy] = run(x, r)
+    assert float(jnp.abs(outs["reference"]).max()) > 0.1
+    for strategy, got in outs.items():
+      assert_close(got, outs["reference"], 1e-5, f"{name} / {strategy}")
+
+
+def test_resolve_strategy():
+  assert dispatch.resolve_strategy("auto", 10, "cpu") in dispatch.STRATEGIES
+  assert dispatch.resolve_strategy("auto", None, "cpu") in ("grouped", "ragged")
+  assert dispatch.resolve_strategy("auto", 10, "tpu") == "gather"
+  assert dispatch.resolve_strategy("auto", None, "gpu") == "ragged"
+  assert dispatch.resolve_strategy("auto", None) in ("grouped", "ragged")
+  for s in dispatch.STRATEGIES:
+    assert dispatch.resolve_strategy(s, 10, "cpu") == s
+  for s in ("einsum", "gather"):
+    with pytest.raises(ConfigError, match=r"moe\.dispatch"):
+      dispatch.resolve_strategy(s, None, "cpu")
+  with pytest.raises(ConfigError, match=r"moe\.dispatch must be one of"):
+    dispatch.resolve_strategy("scatter", 10, "cpu")
+
+
+def test_bad_inputs_raise_before_compiling():
+  routing = make_routing(jax.random.PRNGKey(17), capacity=None)
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(18), "swiglu")
+  with pytest.raises(ConfigError, match=r"moe\.dispatch"):
+    dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu", strategy="gather")
+  with pytest.raises(ConfigError, match=r"moe\.expert_mlp"):
+    dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="relu", strategy="grouped")
+  with pytest.raises(ValueError, match="w_gate"):
+    dispatch.apply_experts(x, routing, w_in, None, w_out, activation="swiglu", strategy="grouped")
+  with pytest.raises(ValueError, match=r"\[G, T, D\]"):
+    dispatch.apply_experts(x[0], routing, w_in, w_gate, w_out, activation="swiglu",
+                           strategy="grouped")
+  with pytest.raises(ValueError, match="weights"):
+    dispatch.apply_experts(x, routing, w_in, w_gate, w_out[:, :-1], activation="swiglu",
+                           strategy="grouped")

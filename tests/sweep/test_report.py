@@ -1,0 +1,173 @@
+"""The sweep report on hand-made result files: means/stds, statuses, verdicts, the three files."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from moe.sweep import report
+
+GENERATED = "2024-01-02T03:04:05"
+
+
+def write(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    if isinstance(obj, str):
+      f.write(obj)
+    else:
+      json.dump(obj, f)
+
+
+def run_files(workdir, member, seed, status, summary=None, records=(), torn=False,
+              error=None):
+  d = os.path.join(workdir, member, f"seed{seed}")
+  if status is not None:
+    write(os.path.join(d, "summary.json"), {"status": status, **(summary or {}),
+                                            **({"error": error} if error else {})})
+  lines = "".join(json.dumps(r) + "\n" for r in records) + ('{"step": 30, "lo' if torn else "")
+  write(os.path.join(d, "metrics.jsonl"), lines)
+  write(os.path.join(d, "sweep_run.json"), {"machine": "testbox, 2 CPU cores", "wall_s": 10.0,
+                                            "finished": "2024-01-01T00:00:0%d" % seed})
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+  w = str(tmp_path)
+  members = [{"name": n, "overrides": {"moe.num_selected": k}}
+             for k, n in enumerate("abcde", start=1)]
+  write(os.path.join(w, "sweep.json"), {
+      "title": "Hand-made table", "paper": "Someone et al. 2099, Table 9",
+      "config_file": "configs/ablations/x.py", "metric": "eval_cross_entropy",
+      "higher_is_better": False, "scale": "cpu", "smoke": False, "seeds": [0, 1, 2],
+      "members": members, "eval_overrides": [], "notes": ["a caveat"],
+      "command": "python launch.py --config=configs/ablations/x.py --workdir=runs/x",
+      "published": [
+          {"claim": "b beats a", "source": "S1", "metric": "eval_cross_entropy",
+           "higher_is_better": False, "order": ["b", "a"]},
+          {"claim": "a beats e", "source": "S2", "metric": "eval_cross_entropy",
+           "higher_is_better": False, "order": ["a", "e"]},
+          {"claim": "e beats a", "source": "S3", "metric": "eval_cross_entropy",
+           "higher_is_better": False, "order": ["e", "a"]},
+          {"claim": "a beats c", "source": "S4", "metric": "eval_cross_entropy",
+           "higher_is_better": False, "order": ["a", "c"]},
+          {"claim": "a more stable than b", "source": "S5", "metric": "stable_fraction",
+           "higher_is_better": True, "order": ["a", "b"]},
+      ]})
+  # a: three completed seeds; dropped fraction only in metrics.jsonl (last record wins).
+  for seed, (ce, bpb, tps, drop) in enumerate([(1.0, 2.0, 100, 0.1), (1.2, 2.0, 200, 0.2),
+                                               (1.4, 2.3, 300, 0.3)]):
+    run_files(w, "a", seed, "completed",
+              {"eval_cross_entropy": ce, "eval_bits_per_byte": bpb, "tokens_per_s": tps},
+              [{"step": 10, "loss": 3.0, "moe/dropped_fraction": 0.9},
+               {"step": 20, "loss": 2.5, "moe/dropped_fraction": drop}], torn=(seed == 0))
+  # b: two completed, one diverged (NaN loss in its summary).
+  run_files(w, "b", 0, "completed", {"eval_cross_entropy": 0.5})
+  run_files(w, "b", 1, "completed", {"eval_cross_entropy": 0.6})
+  run_files(w, "b", 2, "diverged", {"eval_cross_entropy": float("nan")})
+  # c: every seed failed.
+  for seed in range(3):
+    run_files(w, "c", seed, "failed", error="RuntimeError: boom")
+  # d: never ran. e: one completed, one preempted, one missing.
+  run_files(w, "e", 0, "completed", {"eval_cross_entropy": 2.0})
+  run_files(w, "e", 1, "preempted", {}, [{"step": 10, "loss": 4.0}])
+  return w
+
+
+def test_markdown_means_stds_statuses_and_verdicts(sweep_dir):
+  paths = report.write_report(sweep_dir, generated=GENERATED)
+  text = open(paths["table.md"]).read()
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in text.splitlines() if line.startswith("| `")}
+  header = [c.strip() for c in next(l for l in text.splitlines()
+                                    if l.startswith("| member")).split("|")[2:-1]]
+  col = lambda member, name: rows[f"`{member}`"][header.index(name)]  # noqa: E731
+  # Header block.
+  assert text.startswith("# Hand-made table")
+  for needle in ("Someone et al. 2099, Table 9", "--config=configs/ablations/x.py",
+                 "testbox, 2 CPU cores", GENERATED, "PARTIAL REPORT", "a caveat"):
+    assert needle in text
+  # a: CE 1.0/1.2/1.4 -> 1.2 +- 0.2; bpb 2.0/2.0/2.3 -> 2.1 +- sqrt(0.03); tokens/s 200 +- 100;
+  # dropped fraction from the last metrics record 0.1/0.2/0.3 -> 0.2 +- 0.1.
+  assert col("a", "eval CE (nats)") == "1.2000 ± 0.2000"
+  assert col("a", "eval bits/byte") == f"2.1000 ± {math.sqrt(0.03):.4f}"
+  assert col("a", "tokens/s") == "200 ± 100"
+  assert col("a", "dropped frac (train)") == "0.2000 ± 0.1000"
+  assert col("a", "eval loss") == "—"  # completed but never logged
+  assert col("a", "runs") == "3 completed"
+  # b: the diverged seed is counted, not averaged: 0.5/0.6 -> 0.55 +- sqrt(0.005).
+  assert col("b", "runs") == "2 completed, 1 diverged"
+  assert col("b", "eval CE (nats)") == f"0.5500 ± {math.sqrt(0.005):.4f}"
+  assert col("b", "stable seeds") == f"0.67 ± {math.sqrt(1 / 3):.2f}"
+  assert col("c", "runs") == "3 failed" and col("c", "eval CE (nats)") == "failed"
+  assert col("d", "runs") == "3 missing" and col("d", "eval CE (nats)") == "missing"
+  assert col("e", "runs") == "1 completed, 1 incomplete, 1 missing"
+  assert col("e", "eval CE (nats)") == "2.0000 (n=1)"
+  # Published orderings: b vs a: d = 1.2 - 0.55 = 0.65 > s = sqrt(0.04 + 0.005) -> holds.
+  assert "- b vs a: **holds** (gap in the published direction 0.6500, combined std 0.2121)" in text
+  assert "- a vs e: **holds (1 seed)** (gap in the published direction 0.8000" in text
+  assert "- e vs a: **reversed (1 seed)** (gap in the published direction -0.8000" in text
+  assert "- a vs c: **n/a**" in text
+  # stable: a 1/1/1, b 1/1/0: d = 1/3 < s = sqrt(0 + 1/3) -> not resolved.
+  assert "- a vs b: **not resolved**" in text
+  assert col("b", "published rank") == "A: 1/2; E: 2/2"
+  assert col("b", "held here") == "A: holds vs a"
+  assert col("a", "held here") == "B: holds (1 seed) vs e; D: n/a vs c; E: not resolved vs b"
+  assert "holds** when d > s" in text  # the rule is in the footer
+  assert "- `c/seed0`: failed: RuntimeError: boom" in text
+  assert "- `e/seed1`: incomplete" in text and "- `d/seed2`: missing" in text
+
+
+def test_csv_and_plot(sweep_dir):
+  paths = report.write_report(sweep_dir, generated=GENERATED)
+  rows = {r["member"]: r for r in csv.DictReader(open(paths["table.csv"]))}
+  assert list(rows) == ["a", "b", "c", "d", "e"]
+  assert float(rows["a"]["eval_cross_entropy_mean"]) == pytest.approx(1.2)
+  assert float(rows["a"]["eval_cross_entropy_std"]) == pytest.approx(0.2)
+  assert rows["a"]["eval_cross_entropy_n"] == "3"
+  assert float(rows["b"]["eval_cross_entropy_mean"]) == pytest.approx(0.55)
+  assert rows["b"]["n_diverged"] == "1" and rows["c"]["n_failed"] == "3"
+  assert rows["d"]["n_missing"] == "3" and rows["d"]["eval_cross_entropy_mean"] == ""
+  assert rows["e"]["eval_cross_entropy_std"] == "" and rows["e"]["n_incomplete"] == "1"
+  assert json.loads(rows["a"]["overrides"]) == {"moe.num_selected": 1}
+  with open(paths["plot.png"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_ignore_a_torn_last_line(sweep_dir):
+  data = report.collect(sweep_dir)
+  a = data["members"][0]
+  assert a["runs"][0]["curve"] == [(10, 3.0), (20, 2.5)]
+
+
+def test_curves_use_cross_entropy_when_logged(tmp_path):
+  w = str(tmp_path)
+  run_files(w, "a", 0, "completed", {"eval_cross_entropy": 1.0},
+            [{"step": 10, "loss": 3.2, "cross_entropy": 3.0},
+             {"step": 20, "loss": 2.7, "cross_entropy": 2.5}])
+  assert report.load_run(os.path.join(w, "a", "seed0"), [], [])["curve"] == [
+      (10, 3.0), (20, 2.5)]
+
+
+def test_compare_rule():
+  assert report.compare((1.0, 0.1, 3), (2.0, 0.1, 3), False)[0] == "holds"
+  assert report.compare((2.0, 0.1, 3), (1.0, 0.1, 3), False)[0] == "reversed"
+  assert report.compare((2.0, 0.1, 3), (1.0, 0.1, 3), True)[0] == "holds"
+  # |d| == s is inside the spread.
+  assert report.compare((1.0, 0.3, 3), (1.5, 0.4, 3), False)[0] == "not resolved"
+  assert report.compare((1.0, None, 1), (1.0, None, 1), False)[0] == "not resolved (1 seed)"
+  assert report.compare((1.0, 0.1, 3), (None, None, 0), False)[0] == "n/a"
+  assert report.mean_std([1.0, float("nan"), 3.0, None]) == (2.0, math.sqrt(2.0), 2)
+
+
+def test_command_line_rewrites_the_report(sweep_dir, capsys):
+  report.main([f"--workdir={sweep_dir}"])
+  assert os.path.exists(os.path.join(sweep_dir, "table.md"))
+  assert "table.csv" in capsys.readouterr().out
+
+
+def test_missing_sweep_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="sweep.json is missing"):
+    report.write_report(str(tmp_path))

@@ -1,5 +1,5 @@
 """Dispatch/combine strategies: apply the routed experts to the tokens, one semantics, several
-implementations (../shared/moe-spec.md, "Dispatch strategies").
+implementations (docs/semantics.md, "Dispatch strategies").
 
     y[g, t] = sum_k [slot[g,t,k] >= 0] * combine_weights[g,t,k] * FFN_{expert_index[g,t,k]}(x[g,t])
 

@@ -2,7 +2,7 @@
 
 Active whenever a mesh with the axes of `moe.sharding.MESH_AXES` and more than one device is set
 (`jax.set_mesh`, e.g. through `moe.sharding.activate`); otherwise the MoE layer runs exactly as on
-one device. Letters as in ../shared/moe-spec.md; X = size of the `expert` mesh axis,
+one device. Letters as in docs/semantics.md; X = size of the `expert` mesh axis,
 E_l = E / X experts per device, S = number of batch shards (data*fsdp*expert), G_l = G / S.
 
 Layout (all read from `moe.sharding.LOGICAL_RULES`):

@@ -1,6 +1,6 @@
 """Routing as pure functions (no Flax): which tokens go to which experts, in which slot.
 
-Letters as in ../shared/moe-spec.md: G groups, T tokens per group, E experts, K choices, C capacity.
+Letters as in docs/semantics.md: G groups, T tokens per group, E experts, K choices, C capacity.
 
 Every router takes logits of shape [G, T, E] or [T, E]. A 2-D input is routed as one group and
 the returned `Routing` arrays keep the input's rank (no G axis: [T, K], [T, E], [T]). Capacity
@@ -62,11 +62,12 @@ def capacity_for(num_tokens: int, num_experts: int, num_selected: int,
                  capacity_factor: float | None, min_capacity: int = 0) -> int | None:
   """C = max(min_capacity, ceil(capacity_factor * K * T / E)), clamped to T; None = dropless.
 
-  `capacity_factor` None or <= 0 means dropless (the spec's convention). The clamp: in token
-  choice a token picks K *distinct* experts, so one expert never receives more than T
-  assignments of a group and a buffer longer than T is pure waste (in expert choice an expert
-  cannot take more than the T tokens there are). The product is rounded to 9 decimals before
-  the ceiling so that e.g. 1.1 * 10 / 11 gives 1, not 2.
+  `capacity_factor` None or <= 0 means dropless here (docs/semantics.md, "Capacity"); the
+  config accepts only None for dropless. The clamp: in token choice a token picks K *distinct*
+  experts, so one expert never receives more than T assignments of a group and a buffer
+  longer than T is pure waste (in expert choice an expert cannot take more than the T tokens
+  there are). The product is rounded to 9 decimals before the ceiling so that e.g.
+  1.1 * 10 / 11 gives 1, not 2.
   """
   if capacity_factor is None or capacity_factor <= 0:
     return None

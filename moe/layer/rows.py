@@ -12,7 +12,7 @@ weights) are each other's transposes. Their custom VJPs use the *other* map, so 
 of both ops are gathers: XLA's scatter-add (the default transpose of a gather) is slow on CPU and
 needs atomics on GPU.
 
-Letters as in ../shared/moe-spec.md: G groups, T tokens per group, E experts, K choices,
+Letters as in docs/semantics.md: G groups, T tokens per group, E experts, K choices,
 C capacity, D model width, N = G*T tokens, A = N*K assignments, R buffer rows.
 """
 

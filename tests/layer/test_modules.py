@@ -85,7 +85,7 @@ def _ffn(p, e, x, mlp):
 
 
 def manual_moe(variables, x_BLD, mask_BL, cfg: MoeConfig, train: bool, bias=None):
-  """Per-token loops, straight from the spec. Returns (y [B,L,D], kept-assignment count,
+  """Per-token loops, straight from docs/semantics.md. Returns (y [B,L,D], kept-assignment count,
   dropped-assignment count)."""
   p = _np_params(variables)
   b, l, d = x_BLD.shape

@@ -18,7 +18,7 @@ from moe.layer import routing as R
 
 
 def ref_top_k(probs_TE, k, capacity, priority, bias=None, mask_T=None):
-  """Expected (expert_index [T,K], slot [T,K]) for one group, straight from the spec."""
+  """Expected (expert_index [T,K], slot [T,K]) for one group, straight from docs/semantics.md."""
   t, e = probs_TE.shape
   bias = np.zeros(e) if bias is None else np.asarray(bias, np.float64)
   mask_T = np.ones(t, bool) if mask_T is None else mask_T

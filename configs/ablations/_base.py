@@ -1,6 +1,6 @@
 """Shared pieces of the ablation tables in this folder (not a table itself: no get_config).
 
-Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep_spec.py`). Two scales:
+Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep/spec.py`). Two scales:
 
 - `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 16 sequences a step, 1000 steps,
   16 validation batches). Every table, three seeds, ran on the 2-core CPU in 3 to 34 minutes

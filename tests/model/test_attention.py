@@ -29,7 +29,7 @@ def rope_ref(x_LK, pos_L, theta):
 
 
 def attention_ref(cfg, p, x_BLD, pos_BL, seg_BL):
-  """Plain loops, straight from the definition in moe/attention.py's docstring."""
+  """Plain loops, straight from the definition in moe/model/attention.py's docstring."""
   x = np.asarray(x_BLD, np.float64)
   g = lambda n: np.asarray(p[n], np.float64)
   q = np.einsum("bld,dhk->blhk", x, g("q_kernel"))

@@ -1,7 +1,6 @@
 """Sweep format, member expansion, runner (resume, sharding, failures, extra evals), bad input."""
 
 import importlib
-import importlib.util
 import json
 import os
 import re
@@ -315,8 +314,6 @@ def test_existing_run_of_another_config_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TABLES)
 def test_smoke_every_table_through_the_real_trainer(tmp_path, name):
-  if importlib.util.find_spec("moe.train.trainer") is None:
-    pytest.skip("moe/train.py does not exist yet (the trainer lands separately)")
   c = spec.smoke_config(table_config(name))
   c.unlock()
   c.data.tfds_data_dir = str(tmp_path / "tfds")
@@ -328,8 +325,6 @@ def test_smoke_every_table_through_the_real_trainer(tmp_path, name):
 
 @pytest.mark.slow
 def test_real_trainer_resumes_an_interrupted_member(tmp_path):
-  if importlib.util.find_spec("moe.train.trainer") is None:
-    pytest.skip("moe/train.py does not exist yet (the trainer lands separately)")
   from moe.train import trainer as train
   c = spec.smoke_config(table_config("experts"))
   c.unlock()

@@ -20,10 +20,10 @@ Strategies:
   ragged     rows sorted by expert, `jax.lax.ragged_dot` with per-expert group sizes (the XLA
              grouped matmul; megablox-like kernels on TPU/GPU). Dropless and capacity.
 
-`auto` picks per backend (resolve_strategy). On CPU it uses measurements from
-experiments/bench_moe_layer.py (see BENCHMARKS.md); on GPU/TPU, where this project has no
-measurements, it uses `gather` with a capacity and `ragged` dropless (ragged_dot lowers to a real
-grouped matmul there).
+`auto` picks per backend (resolve_strategy), from measurements where the project has them:
+CPU from experiments/bench_moe_layer.py, GPU from experiments/accelerator_check.py on one H200
+(BENCHMARKS.md, "Accelerator check"). TPU has no measurement yet: `gather` with a capacity and
+`ragged` dropless (ragged_dot lowers to a grouped matmul there).
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ from moe.layer.routing import Routing
 STRATEGIES = tuple(s for s in DISPATCHES if s != "auto")
 CAPACITY_ONLY = ("einsum", "gather")
 
-# What "auto" resolves to: (with a capacity, dropless) per backend. CPU values measured with
-# experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md); GPU/TPU not measured here.
+# What "auto" resolves to: (with a capacity, dropless) per backend.
+# - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md).
+# - gpu: experiments/accelerator_check.py on one H200, jax 0.11.2, bf16, T=65536 D=2048 F=1408:
+#   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
+#   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a
+#   dense [E, T*K, D] product and ran out of memory). ROCm follows CUDA, unmeasured.
+# - tpu: not measured.
 AUTO = {
     "cpu": ("grouped", "grouped"),
-    "gpu": ("gather", "ragged"),
-    "cuda": ("gather", "ragged"),
-    "rocm": ("gather", "ragged"),
+    "gpu": ("gather", "grouped"),
+    "cuda": ("gather", "grouped"),
+    "rocm": ("gather", "grouped"),
     "tpu": ("gather", "ragged"),
 }
 

@@ -252,7 +252,8 @@ def test_resolve_strategy():
   assert dispatch.resolve_strategy("auto", 10, "cpu") in dispatch.STRATEGIES
   assert dispatch.resolve_strategy("auto", None, "cpu") in ("grouped", "ragged")
   assert dispatch.resolve_strategy("auto", 10, "tpu") == "gather"
-  assert dispatch.resolve_strategy("auto", None, "gpu") == "ragged"
+  assert dispatch.resolve_strategy("auto", None, "gpu") == "grouped"  # measured on an H200
+  assert dispatch.resolve_strategy("auto", None, "tpu") == "ragged"
   assert dispatch.resolve_strategy("auto", None) in ("grouped", "ragged")
   for s in dispatch.STRATEGIES:
     assert dispatch.resolve_strategy(s, 10, "cpu") == s

@@ -27,7 +27,8 @@ def on_8_devices(case: str, *args, timeout=900) -> str:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       " --xla_force_host_platform_device_count=8").strip()
-  code = (f"import sys; sys.path[:0] = [{REPO!r}, {TESTS!r}]\n"
+  here = os.path.dirname(os.path.abspath(__file__))  # this module's folder, tests/layer
+  code = (f"import sys; sys.path[:0] = [{REPO!r}, {TESTS!r}, {here!r}]\n"
           f"import test_expert_parallel as t\n"
           f"t.{case}(*{list(args)!r})\n")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -27,6 +27,7 @@ import sys
 import time
 
 from bench_common import ROOT, command_line, loadavg, machine, versions, write_section
+import hlo as hlo_lib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -113,7 +114,6 @@ def build(shape, capacity_factor):
 
 def measure(shape, capacity_factor, steps):
   import jax
-  from moe.layer import expert_parallel
   t0 = time.perf_counter()
   compiled, state, batch, hlo, params = build(shape, capacity_factor)
   compile_s = time.perf_counter() - t0
@@ -129,12 +129,12 @@ def measure(shape, capacity_factor, steps):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   by_op = {}
-  for c in expert_parallel.hlo_collectives(hlo):
+  for c in hlo_lib.hlo_collectives(hlo):
     by_op[c["op"]] = by_op.get(c["op"], 0) + c["bytes"]
   return {"mesh": shape, "dropless": capacity_factor is None,
           "step_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
           "compile_s": compile_s, "bytes": by_op,
-          "n_a2a": sum(1 for c in expert_parallel.hlo_collectives(hlo) if c["op"] == "all-to-all"),
+          "n_a2a": sum(1 for c in hlo_lib.hlo_collectives(hlo) if c["op"] == "all-to-all"),
           "expert_shard": expert_shard,
           "loss": float(m["loss"])}
 
@@ -161,7 +161,7 @@ def render(rows, meta):
          f"device, 256); capacity factor 1.25 or dropless (static bound C = T per group, see "
          f"`moe/expert_parallel.py`). Median of {meta['steps']} steps after one warm-up. Bytes: "
          f"per device per step, summed result sizes of the compiled step's collectives "
-         f"(`moe.layer.expert_parallel.hlo_collectives`). 'expert shard' = one device's `w_in` block "
+         f"(`hlo_collectives` in `experiments/hlo.py`). 'expert shard' = one device's `w_in` block "
          f"[E/expert, D/fsdp, F/tensor].", "",
          "| mesh (data, fsdp, expert, tensor) | routing | step ms | all-to-all | # a2a | "
          "all-gather | all-reduce | other | expert shard | compile s |",

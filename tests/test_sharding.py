@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config_file, one_line_error
+from experiments import hlo as hlo_lib  # namespace package: conftest puts REPO on sys.path
 from moe.layer import expert_parallel
 from moe import sharding
 from moe.errors import ConfigError
@@ -211,8 +212,8 @@ def test_hlo_collectives_parser():
   ROOT %all-reduce = f32[8]{0} all-reduce(f32[8]{0} %c), to_apply=%add
   %add.3 = f32[] add(f32[] %x, f32[] %y)
   """
-  found = expert_parallel.hlo_collectives(hlo)
+  found = hlo_lib.hlo_collectives(hlo)
   assert [c["op"] for c in found] == ["all-to-all", "all-gather", "all-reduce"]
   assert found[0]["bytes"] == 2 * 2 * 6 * 12 * 4
   assert found[1]["shapes"] == [("bf16", (8, 8))] and found[1]["bytes"] == 128
-  assert expert_parallel.all_to_all_bytes(hlo) == 2 * 2 * 6 * 12 * 4
+  assert hlo_lib.all_to_all_bytes(hlo) == 2 * 2 * 6 * 12 * 4

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -235,40 +234,3 @@ def context(rows: int | None = None) -> ExpertParallel | None:
   if rows is not None and rows % ep.num_shards:
     return None
   return ep
-
-
-# ------------------------------------------------------------------------------ HLO evidence
-
-_SHAPE = re.compile(r"\b(pred|s8|s16|s32|s64|u8|u16|u32|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-
-
-def hlo_collectives(hlo_text: str) -> list[dict]:
-  """Every collective instruction of a compiled HLO module: [{op, shapes, bytes}].
-
-  `shapes` are the instruction's result shapes (for an all-to-all the same as its operands');
-  `bytes` their total size on one device. Async pairs (`*-start`/`*-done`) count once, at start.
-  """
-  out = []
-  for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\(", line)
-    if not m:
-      continue
-    result, op = m.group(1), m.group(2)
-    base = op[:-len("-start")] if op.endswith("-start") else op
-    if base not in COLLECTIVES or op.endswith("-done"):
-      continue
-    shapes = [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in
-              _SHAPE.findall(result)]
-    if op.endswith("-start") and len(shapes) > 1:
-      shapes = shapes[len(shapes) // 2:]  # (operands..., results...) tuple of an async start
-    nbytes = sum(_BYTES[t] * math.prod(s) for t, s in shapes)
-    out.append({"op": base, "shapes": shapes, "bytes": nbytes})
-  return out
-
-
-def all_to_all_bytes(hlo_text: str) -> int:
-  """Bytes one device sends through all-to-all in this HLO module (sum of operand sizes)."""
-  return sum(c["bytes"] for c in hlo_collectives(hlo_text) if c["op"] == "all-to-all")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TESTS  # noqa: E402
+from experiments import hlo as hlo_lib  # namespace package: conftest puts REPO on sys.path
 MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 2, 4, 1), (2, 1, 2, 2), (1, 1, 8, 1)]
 
 
@@ -181,8 +182,7 @@ def test_layer_matches_one_device():
 
 def _expert_weight_gathers(hlo: str, num_experts: int) -> list:
   """All-gathers whose result is a 3-D array with all E experts on its leading axis."""
-  from moe.layer import expert_parallel
-  return [c for c in expert_parallel.hlo_collectives(hlo) if c["op"] == "all-gather"
+  return [c for c in hlo_lib.hlo_collectives(hlo) if c["op"] == "all-gather"
           and any(len(s) == 3 and s[0] == num_experts for _, s in c["shapes"])]
 
 
@@ -190,7 +190,6 @@ def case_hlo_layer():
   """The MoE layer's forward + backward compiled on expert-parallel meshes."""
   import jax
   import jax.numpy as jnp
-  from moe.layer import expert_parallel
   from moe import sharding
   E, D, F = 8, 12, 16
   kwargs = dict(num_experts=E, num_selected=2, expert_hidden=F, capacity_factor=1.25,
@@ -217,8 +216,8 @@ def case_hlo_layer():
       with sharding.activate(mesh):
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, xs).compile()
       hlo = compiled.as_text()
-      ops = [c["op"] for c in expert_parallel.hlo_collectives(hlo)]
-      a2a = expert_parallel.all_to_all_bytes(hlo)
+      ops = [c["op"] for c in hlo_lib.hlo_collectives(hlo)]
+      a2a = hlo_lib.all_to_all_bytes(hlo)
       # Forward: tokens out and back; backward: the two transposes.
       assert ops.count("all-to-all") >= 4 if not dropless else ops.count("all-to-all") >= 5, ops
       # The buffer one device sends: [E, G_l * C, D] f32 (dropless: C = T, plus the mask).
@@ -226,7 +225,7 @@ def case_hlo_layer():
       groups = tokens_per_device // 6
       c = 6 if dropless else math.ceil(1.25 * 2 * 6 / E)
       buffer_bytes = E * groups * c * D * 4
-      per_a2a = [b["bytes"] for b in expert_parallel.hlo_collectives(hlo)
+      per_a2a = [b["bytes"] for b in hlo_lib.hlo_collectives(hlo)
                  if b["op"] == "all-to-all" and b["shapes"][0][0] == "f32"]
       assert set(per_a2a) == {buffer_bytes}, (per_a2a, buffer_bytes)
       assert not _expert_weight_gathers(hlo, E), _expert_weight_gathers(hlo, E)
@@ -244,7 +243,6 @@ def case_hlo_train_step(textdir, tfds_dir, workdir):
   import jax
   import jax.numpy as jnp
   from conftest import apply_overrides, load_config_file, tiny_overrides
-  from moe.layer import expert_parallel
   from moe import sharding
   from moe.train import trainer as train
   from moe.train import step as step_lib
@@ -273,14 +271,14 @@ def case_hlo_train_step(textdir, tfds_dir, workdir):
     step = jax.jit(step_lib.make_train_step(s.model, tx, frozen, schedule),
                    in_shardings=(state_sh, s.batch_sharding), out_shardings=(state_sh, None))
     hlo = step.lower(state, batch).compile().as_text()
-  ops = [c["op"] for c in expert_parallel.hlo_collectives(hlo)]
+  ops = [c["op"] for c in hlo_lib.hlo_collectives(hlo)]
   # 2 MoE layers x (2 forward + 2 backward) all-to-alls at least.
   assert ops.count("all-to-all") >= 4 * cfg.model.num_layers, ops
   assert not _expert_weight_gathers(hlo, E), _expert_weight_gathers(hlo, E)
   w_in = s.abstract["params"]["block_0"]["moe"]["experts"]["w_in"]
   assert w_in.sharding.shard_shape(w_in.shape)[0] == E // 4
   print(f"hlo train step all-to-all={ops.count('all-to-all')} "
-        f"a2a_bytes={expert_parallel.all_to_all_bytes(hlo)}")
+        f"a2a_bytes={hlo_lib.all_to_all_bytes(hlo)}")
   print("ok")
 
 

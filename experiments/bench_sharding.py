@@ -159,7 +159,7 @@ def render(rows, meta):
          f"{MODEL['num_layers']} MoE blocks, E={MOE['num_experts']}, K={MOE['num_selected']}, "
          f"F={MOE['expert_hidden']}, batch {B} x {L} tokens, f32; routing groups of min(tokens per "
          f"device, 256); capacity factor 1.25 or dropless (static bound C = T per group, see "
-         f"`moe/expert_parallel.py`). Median of {meta['steps']} steps after one warm-up. Bytes: "
+         f"`moe/layer/expert_parallel.py`). Median of {meta['steps']} steps after one warm-up. Bytes: "
          f"per device per step, summed result sizes of the compiled step's collectives "
          f"(`hlo_collectives` in `experiments/hlo.py`). 'expert shard' = one device's `w_in` block "
          f"[E/expert, D/fsdp, F/tensor].", "",

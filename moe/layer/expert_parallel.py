@@ -176,7 +176,7 @@ class ExpertParallel:
     # check_vma is off for dropless only: the grouped strategy's loop (moe.layer.grouped)
     # starts from zero carries that do not vary over the mesh axes while its outputs do, which
     # the check rejects inside a shard_map. Values and gradients of that path are checked
-    # against one device in tests/test_expert_parallel.py (meshes with tensor > 1 included).
+    # against one device in tests/layer/test_expert_parallel.py (meshes with tensor > 1 included).
     call = jax.shard_map(
         local, mesh=self.mesh,
         in_specs=(tok, tok, tok, tok, w_spec, w_spec if gated else P(), wo_spec),

@@ -15,7 +15,7 @@
 
 With renormalized top-K routing and no dropped assignments, every token's K combine weights sum to
 1 and every expert computes the dense FFN, so the upcycled model computes exactly what its dense
-parent computed (tests/test_upcycle.py checks the logits and the trainer's loss).
+parent computed (tests/train/test_upcycle.py checks the logits and the trainer's loss).
 
 Works on unscanned (`block_<i>/...`) and scanned (`blocks/...`, leading layer axis) parameter
 trees; dense and MoE must agree on `model.scan_layers`. Any mismatch is a one-line ConfigError

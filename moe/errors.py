@@ -25,13 +25,17 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(name: str, value, low: int, *, allow_none: bool = False) -> None:
-  """ConfigError unless `value` is an integer >= `low` (or None when allowed)."""
+def check_int(name: str, value, low: int, *, high: int | None = None,
+              allow_none: bool = False) -> None:
+  """ConfigError unless `value` is an integer >= `low` (and <= `high` when given; or None when
+  allowed)."""
   if value is None and allow_none:
     return
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+  ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+  if not ok or (high is not None and value > high):
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
     extra = " or None" if allow_none else ""
-    raise ConfigError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+    raise ConfigError(f"{name} must be an integer {bounds}{extra}, got {value!r}")
 
 
 def check_positive(name: str, value, *, allow_none: bool = False) -> None:

@@ -74,5 +74,10 @@ def validate_model(mc: ModelConfig) -> None:
     raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")
   if mc.sliding_window is not None:
     check_positive("model.sliding_window", mc.sliding_window)
+  if mc.scan_layers and mc.moe is not None and (mc.moe_interval != 1 or mc.first_moe_layer != 0):
+    raise ConfigError(
+        "model.scan_layers=True needs identical blocks: use moe_interval=1 and first_moe_layer=0 "
+        f"(got moe_interval={mc.moe_interval}, first_moe_layer={mc.first_moe_layer}) "
+        "or scan_layers=False")
   if mc.moe is not None:
     validate_moe(mc.moe, causal=True)

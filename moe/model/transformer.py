@@ -137,17 +137,6 @@ class Block(nn.Module):
     return x_BLD, None
 
 
-def check_scan(cfg: ModelConfig) -> None:
-  """scan_layers needs every block to be the same kind."""
-  if not cfg.scan_layers or cfg.moe is None:
-    return
-  if cfg.moe_interval != 1 or cfg.first_moe_layer != 0:
-    raise ConfigError(
-        "model.scan_layers=True needs identical blocks: use moe_interval=1 and first_moe_layer=0 "
-        f"(got moe_interval={cfg.moe_interval}, first_moe_layer={cfg.first_moe_layer}) "
-        "or scan_layers=False")
-
-
 class Transformer(nn.Module):
   """Decoder-only LM. See the module docstring for the call signature and collections."""
 
@@ -157,8 +146,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BL, positions=None, segment_ids=None, train: bool = False,
                decode: bool = False):
     cfg = self.config
-    validate_model(cfg)
-    check_scan(cfg)
+    validate_model(cfg)  # the guard for a ModelConfig built in code; entry points check earlier
     dtype = jnp.dtype(cfg.dtype)
     if tokens_BL.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens_BL.shape}")

@@ -102,8 +102,7 @@ def setup(cfg, workdir: str) -> Setup:
                             process_count=jax.process_count())
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
   validate_model(model_cfg)
-  from moe.model.transformer import Transformer, check_scan
-  check_scan(model_cfg)
+  from moe.model.transformer import Transformer
   model = Transformer(model_cfg)
   # 4. shapes
   B, L = cfg.train.batch_size, cfg.data.seq_len

@@ -41,9 +41,10 @@ import numpy as np
 from moe.data import sources as datasets
 from moe.data import packing
 from moe.data import tokenizers
-from moe.errors import ConfigError
+from moe.errors import ConfigError, check_choice, check_int, check_number
 
 TOKENIZERS = ("byte", "sentencepiece")
+MAX_SP_VOCAB = 1 << 20
 STATE_FORMAT = "moe.data/1"
 EVAL_SEED = 0  # the validation rows are the same for every train.seed
 
@@ -52,39 +53,20 @@ def default_data_dir(workdir: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), ".tfds")
 
 
-def validate_data(cfg, process_index: int = 0, process_count: int = 1) -> None:
-  """One-line ConfigError naming the field, before anything is prepared."""
-  d, t = cfg.data, cfg.train
+def validate_data(d) -> None:
+  """Every check of the `data` group `d` (one-line ConfigError naming the field), before anything
+  is prepared. It reads nothing else: `data.seq_len <= model.max_len` and the split of
+  `train.batch_size` over processes are checked by `moe.train.checks.validate_config`."""
   if not isinstance(d.name, str) or not d.name:
     raise ConfigError(f"data.name={d.name!r} must be one of {', '.join(datasets.BUILTIN)} or a "
                       "TFDS text dataset name")
-  if d.tokenizer not in TOKENIZERS:
-    raise ConfigError(f"data.tokenizer={d.tokenizer!r} must be one of {', '.join(TOKENIZERS)}")
-  if d.tokenizer == "sentencepiece" and not (
-      isinstance(d.sp_vocab_size, int) and tokenizers.MIN_SP_VOCAB <= d.sp_vocab_size <= 1 << 20):
-    raise ConfigError(f"data.sp_vocab_size={d.sp_vocab_size!r} must be an integer in "
-                      f"[{tokenizers.MIN_SP_VOCAB}, {1 << 20}]")
-  if not isinstance(d.seq_len, int) or d.seq_len < 1:
-    raise ConfigError(f"data.seq_len={d.seq_len!r} must be an integer >= 1")
-  max_len = cfg.get("model", {}).get("max_len", None) if hasattr(cfg, "get") else None
-  if isinstance(max_len, int) and max_len > 0 and d.seq_len > max_len:
-    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={max_len}; positions "
-                      "restart per packed piece, so seq_len <= max_len is needed")
-  if not 0.0 < float(d.validation_fraction) < 1.0:
-    raise ConfigError(f"data.validation_fraction={d.validation_fraction!r} must be in (0, 1)")
-  if not isinstance(d.num_workers, int) or d.num_workers < 0:
-    raise ConfigError(f"data.num_workers={d.num_workers!r} must be an integer >= 0")
-  if not isinstance(process_count, int) or process_count < 1:
-    raise ConfigError(f"process_count={process_count!r} must be an integer >= 1")
-  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index!r} must be in [0, {process_count})")
-  if not isinstance(t.batch_size, int) or t.batch_size < 1 or t.batch_size % process_count:
-    raise ConfigError(f"train.batch_size={t.batch_size!r} must be a positive multiple of the "
-                      f"process count ({process_count})")
-  if not isinstance(t.eval_batches, int) or t.eval_batches < 0:
-    raise ConfigError(f"train.eval_batches={t.eval_batches!r} must be an integer >= 0")
-  if not isinstance(t.seed, int) or t.seed < 0:
-    raise ConfigError(f"train.seed={t.seed!r} must be an integer >= 0")
+  check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+  if d.tokenizer == "sentencepiece":
+    check_int("data.sp_vocab_size", d.sp_vocab_size, tokenizers.MIN_SP_VOCAB, high=MAX_SP_VOCAB)
+  check_int("data.seq_len", d.seq_len, 1)
+  check_number("data.validation_fraction", d.validation_fraction, 0.0, 1.0, low_open=True,
+               high_open=True)
+  check_int("data.num_workers", d.num_workers, 0)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -290,8 +272,11 @@ def _eval_batches(rows: PackedRows, num: int, global_batch: int, local: int,
 
 
 def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int = 1) -> Data:
-  """Prepares (once, cached in the data dir) and opens the data of `cfg.data`."""
-  validate_data(cfg, process_index, process_count)
+  """Prepares (once, cached in the data dir) and opens the data of `cfg.data`.
+
+  `cfg` is a checked config (`validate_data`, run by `moe.train.checks.validate_config`), and
+  `train.batch_size` a multiple of `process_count`; errors found only while preparing (an
+  unknown dataset, an empty split) are one-line ConfigErrors too."""
   d, t = cfg.data, cfg.train
   data_dir = os.path.abspath(d.tfds_data_dir or default_data_dir(workdir))
   os.makedirs(data_dir, exist_ok=True)

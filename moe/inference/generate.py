@@ -85,6 +85,7 @@ def load_tokenizer(cfg, workdir: str):
     from moe.data.tokenizers import ByteTokenizer
     return ByteTokenizer()
   from moe.data import pipeline as data_lib  # SentencePiece: trained once on the data, cached there
+  data_lib.validate_data(cfg.data)
   return data_lib.make_data(cfg, workdir=workdir).tokenizer
 
 

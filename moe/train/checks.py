@@ -65,12 +65,12 @@ def validate_config(cfg) -> None:
       ckpt_lib.resolve(t.init_from)
     except ConfigError as e:
       raise ConfigError(f"train.init_from: {e}") from None
-  seq_len, max_len = cfg.data.seq_len, cfg.model.max_len
-  _int_at_least("data.seq_len", seq_len, 1)
-  if seq_len > max_len:
-    raise ConfigError(f"data.seq_len ({seq_len}) must be <= model.max_len ({max_len})")
   from moe.data import pipeline as data_lib  # its own field checks (name, tokenizer, ...)
-  data_lib.validate_data(cfg, jax.process_index(), jax.process_count())
+  data_lib.validate_data(cfg.data)
+  seq_len, max_len = cfg.data.seq_len, cfg.model.max_len
+  if seq_len > max_len:
+    raise ConfigError(f"data.seq_len ({seq_len}) must be <= model.max_len ({max_len}); "
+                      "positions restart per packed piece")
 
 
 def config_warnings(cfg) -> list[str]:

@@ -368,14 +368,21 @@ def test_bad_config_gives_one_line_errors(tmp_path, data_dir):
   (tmp_path / "empty").mkdir()
   _one_line_error(_cfg(data_dir, name="textdir", text_dir=str(tmp_path / "empty")),
                   "data.text_dir")
-  _one_line_error(_cfg(data_dir, tokenizer="bpe"), "data.tokenizer")
-  _one_line_error(_cfg(data_dir, tokenizer="sentencepiece", sp_vocab_size=100),
-                  "data.sp_vocab_size")
-  _one_line_error(_cfg(data_dir, seq_len=0), "data.seq_len")
-  _one_line_error(_cfg(data_dir, seq_len=512), "data.seq_len.*model.max_len")
-  _one_line_error(_cfg(data_dir, validation_fraction=0.0), "data.validation_fraction")
-  _one_line_error(_cfg(data_dir, train__batch_size=6), "train.batch_size", process_count=4)
-  _one_line_error(_cfg(data_dir), "process_index", process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("data, needles", [
+    (dict(name=""), ("data.name", "pystdlib")),
+    (dict(tokenizer="bpe"), ("data.tokenizer", "'byte', 'sentencepiece'", "'bpe'")),
+    (dict(tokenizer="sentencepiece", sp_vocab_size=100), ("data.sp_vocab_size", "[320, ")),
+    (dict(seq_len=0), ("data.seq_len", ">= 1")),
+    (dict(validation_fraction=0.0), ("data.validation_fraction", "(0.0, 1.0)")),
+    (dict(num_workers=-1), ("data.num_workers", ">= 0")),
+])
+def test_validate_data_checks_the_data_group(data_dir, data, needles):
+  """The static checks (moe.train.checks.validate_config runs them before make_data)."""
+  with one_line_error(*needles):
+    data_lib.validate_data(_cfg(data_dir, **data).data)
+  data_lib.validate_data(_cfg(data_dir).data)
 
 
 def test_tfds_dataset_that_cannot_be_prepared_is_a_one_line_error(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moe.errors import ConfigError
+from moe.errors import ConfigError, check_int
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Mesh axes the batch (and every token-shaped activation) is split over.
@@ -108,57 +108,46 @@ def _fmt(sizes: dict[str, int]) -> str:
 def _dcn_data(mesh_cfg, sizes: dict[str, int]) -> int:
   """mesh.dcn_data, checked: an integer >= 1 that divides mesh.data (`sizes` from mesh_shape)."""
   v = mesh_cfg.get("dcn_data", 1) if hasattr(mesh_cfg, "get") else 1
-  if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-    raise ConfigError(f"mesh.dcn_data must be an integer >= 1, got {v!r}")
+  check_int("mesh.dcn_data", v, 1)
   if sizes["data"] % v:
     raise ConfigError(f"mesh.dcn_data ({v}) must divide mesh.data ({sizes['data']})")
   return v
 
 
-def validate_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:
-  """Every check of `cfg.mesh` against the devices and the model, before anything compiles.
+def validate_mesh(mesh_cfg, num_devices: int, num_processes: int = 1, *, batch_size: int,
+                  seq_len: int, divisible=(), group_size: int | None = None) -> dict[str, int]:
+  """Every check of the `mesh` group against the devices and the numbers it splits.
+
+  The caller passes numbers it has already checked (integers >= 1): `batch_size` rows of
+  `seq_len` tokens per step (`train.batch_size`, `data.seq_len`), `divisible`, a sequence of
+  (field name, value, mesh axis) for each width an axis splits, e.g. ("model.d_ff", 512,
+  "tensor"), and `group_size`, the MoE routing group size (None: one group per device, or no MoE).
 
   Returns the mesh sizes. Raises ConfigError (one line naming the fields) when the mesh does not
-  multiply to the device count, `moe.num_experts` is not divisible by `mesh.expert`,
-  `train.batch_size` is not divisible by the data-parallel degree data*fsdp*expert (or by the
-  process count), `mesh.tensor` does not divide `moe.expert_hidden`, `model.d_ff`,
-  `model.num_heads` or `model.num_kv_heads`, `mesh.fsdp` does not divide `model.d_model`,
-  `mesh.dcn_data` does not divide `mesh.data`, or (MoE on a mesh of more than one device) the
-  routing group size does not divide the tokens each device holds (groups never cross devices,
-  see `moe.layer.expert_parallel`).
+  multiply to the device count, `mesh.dcn_data` does not divide `mesh.data`, the batch is not
+  divisible by the data-parallel degree data*fsdp*expert (or by the process count), an axis does
+  not divide its value in `divisible`, or (on a mesh of more than one device) `group_size` does
+  not divide the tokens each device holds (groups never cross devices, see
+  `moe.layer.expert_parallel`).
   """
-  sizes = mesh_shape(cfg.mesh, num_devices)
-  _dcn_data(cfg.mesh, sizes)
+  sizes = mesh_shape(mesh_cfg, num_devices)
+  _dcn_data(mesh_cfg, sizes)
   shards = math.prod(sizes[a] for a in BATCH_AXES)
-  batch = cfg.train.batch_size
-  if not isinstance(batch, int) or batch < 1 or batch % shards:
-    raise ConfigError(f"train.batch_size ({batch}) must be divisible by the data-parallel degree "
-                      f"mesh.data*fsdp*expert = {shards} ({_fmt(sizes)})")
-  if batch % num_processes:
-    raise ConfigError(f"train.batch_size ({batch}) must be divisible by the process count "
+  if batch_size % shards:
+    raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the data-parallel "
+                      f"degree mesh.data*fsdp*expert = {shards} ({_fmt(sizes)})")
+  if batch_size % num_processes:
+    raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the process count "
                       f"({num_processes})")
-  m = cfg.model
-  checks = [("model.d_ff", m.d_ff, "tensor"), ("model.num_heads", m.num_heads, "tensor"),
-            ("model.num_kv_heads", m.num_kv_heads, "tensor"),
-            ("model.d_model", m.d_model, "fsdp")]
-  moe_on = cfg.moe.get("enabled", True)
-  if moe_on:
-    e = cfg.moe.num_experts
-    if not isinstance(e, int) or e < 1 or e % sizes["expert"]:
-      raise ConfigError(f"moe.num_experts ({e}) must be divisible by mesh.expert "
-                        f"({sizes['expert']})")
-    checks.insert(0, ("moe.expert_hidden", cfg.moe.expert_hidden, "tensor"))
-  for name, value, axis in checks:
-    if isinstance(value, int) and value >= 1 and value % sizes[axis]:
+  for name, value, axis in divisible:
+    if value % sizes[axis]:
       raise ConfigError(f"mesh.{axis} ({sizes[axis]}) must divide {name} ({value})")
-  if moe_on and num_devices > 1:
-    local_tokens = batch // shards * cfg.data.seq_len
-    g = cfg.moe.get("group_size", None)
-    if g is not None and (not isinstance(g, int) or g < 1 or local_tokens % g):
-      raise ConfigError(f"moe.group_size ({g}) must divide the tokens each device routes, "
-                        f"train.batch_size/(mesh.data*fsdp*expert)*data.seq_len = "
-                        f"{batch}/{shards}*{cfg.data.seq_len} = {local_tokens} (routing groups "
-                        f"never cross devices), or be None (one group per device)")
+  local_tokens = batch_size // shards * seq_len
+  if group_size is not None and num_devices > 1 and local_tokens % group_size:
+    raise ConfigError(f"moe.group_size ({group_size}) must divide the tokens each device routes, "
+                      f"train.batch_size/(mesh.data*fsdp*expert)*data.seq_len = "
+                      f"{batch_size}/{shards}*{seq_len} = {local_tokens} (routing groups "
+                      f"never cross devices), or be None (one group per device)")
   return sizes
 
 

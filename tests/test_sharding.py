@@ -19,6 +19,7 @@ from experiments import hlo as hlo_lib  # namespace package: conftest puts REPO 
 from moe.layer import expert_parallel
 from moe import sharding
 from moe.errors import ConfigError
+from moe.train.checks import check_mesh
 
 
 def mesh_cfg(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1):
@@ -144,22 +145,33 @@ def test_params_of_the_moe_model_all_have_rules():
     ({"mesh.data": 8, "moe.group_size": 48}, 8, ("moe.group_size (48)", "512")),
 ])
 def test_validate_mesh_one_line_errors(overrides, devices, needles):
+  """Through moe.train.checks.check_mesh, which passes the config's numbers on."""
   with one_line_error(*needles):
-    sharding.validate_mesh(config(**overrides), devices)
+    check_mesh(config(**overrides), devices)
 
 
 def test_validate_mesh_accepts_the_issue_meshes():
   for shape in [(8, 1, 1, 1), (2, 1, 4, 1), (1, 2, 4, 1), (2, 1, 2, 2), (1, 1, 8, 1)]:
     cfg = config(**{f"mesh.{a}": s for a, s in zip(sharding.MESH_AXES, shape)})
-    sizes = sharding.validate_mesh(cfg, 8)
+    sizes = check_mesh(cfg, 8)
     assert tuple(sizes[a] for a in sharding.MESH_AXES) == shape
   # Process count: the batch must split evenly over processes too.
   with pytest.raises(ConfigError, match="process count"):
-    sharding.validate_mesh(config(**{"train.batch_size": 8, "mesh.data": 8}), 8, 3)
+    check_mesh(config(**{"train.batch_size": 8, "mesh.data": 8}), 8, 3)
   # A dense model skips the expert checks; one device skips the group check.
-  sharding.validate_mesh(config(**{"moe.enabled": False, "moe.num_experts": 3,
-                                   "mesh.expert": 2, "mesh.data": 4}), 8)
-  sharding.validate_mesh(config(**{"moe.group_size": 48}), 1)
+  check_mesh(config(**{"moe.enabled": False, "moe.num_experts": 3,
+                       "mesh.expert": 2, "mesh.data": 4}), 8)
+  check_mesh(config(**{"moe.group_size": 48}), 1)
+
+
+def test_validate_mesh_reads_only_the_mesh_group():
+  """The numbers come from the caller: no train/data/model group is read."""
+  sizes = sharding.validate_mesh(mesh_cfg(data=2, expert=4), 8, batch_size=8, seq_len=16,
+                                 divisible=[("width", 12, "expert")], group_size=8)
+  assert sizes == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+  with one_line_error("mesh.expert (4) must divide width (10)"):
+    sharding.validate_mesh(mesh_cfg(data=2, expert=4), 8, batch_size=8, seq_len=16,
+                           divisible=[("width", 10, "expert")])
 
 
 # ----------------------------------------------------------------------------- hybrid mesh

@@ -13,6 +13,7 @@ import os
 import jax
 from jax.sharding import NamedSharding
 
+from moe import sharding as sharding_lib
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
 from moe.errors import ConfigError
@@ -71,6 +72,24 @@ def validate_config(cfg) -> None:
   if seq_len > max_len:
     raise ConfigError(f"data.seq_len ({seq_len}) must be <= model.max_len ({max_len}); "
                       "positions restart per packed piece")
+
+
+def check_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+  """`moe.sharding.validate_mesh` on `cfg.mesh` with the numbers it splits; the mesh sizes.
+
+  Needs the model, train and data fields checked first (they are passed on as integers)."""
+  m, moe = cfg.model, cfg.moe
+  divisible = [("model.d_ff", m.d_ff, "tensor"), ("model.num_heads", m.num_heads, "tensor"),
+               ("model.num_kv_heads", m.num_kv_heads, "tensor"),
+               ("model.d_model", m.d_model, "fsdp")]
+  group_size = None
+  if moe.get("enabled", True):
+    divisible[:0] = [("moe.num_experts", moe.num_experts, "expert"),
+                     ("moe.expert_hidden", moe.expert_hidden, "tensor")]
+    group_size = moe.get("group_size", None)
+  return sharding_lib.validate_mesh(cfg.mesh, num_devices, num_processes,
+                                    batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                                    divisible=divisible, group_size=group_size)
 
 
 def config_warnings(cfg) -> list[str]:

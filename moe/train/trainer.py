@@ -49,7 +49,8 @@ from moe.errors import ConfigError
 from moe.model.config import model_config_from, validate_model
 from moe import sharding as sharding_lib
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
-from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
+from moe.train.checks import (check_divisible, check_mesh, check_workdir, config_warnings,
+                              validate_config)
 
 SUMMARY_FILE = "summary.json"
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
@@ -94,7 +95,7 @@ def setup(cfg, workdir: str) -> Setup:
   check_workdir(workdir)
   enable_compilation_cache(workdir)
   # 2. mesh (its sizes against the devices, batch, experts and widths first)
-  sharding_lib.validate_mesh(cfg, jax.device_count(), jax.process_count())
+  check_mesh(cfg, jax.device_count(), jax.process_count())
   mesh = make_mesh(cfg.mesh)
   # 3. data
   from moe.data import pipeline as data_lib

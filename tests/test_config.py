@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, load_config_file, one_line_error
+from moe.data import pipeline as data_lib
 from moe.train import checkpoint as ckpt_lib
 from moe.train import trainer as train
 from moe.train import step as step_lib
@@ -121,6 +123,52 @@ def test_init_from_incompatible(tiny_config, tmp_path):
   msg = expect_config_error(tiny_config({"model.d_model": 24, "train.init_from": src}),
                             str(tmp_path / "dst"), "train.init_from")
   assert "in the checkpoint but" in msg and "(24" in msg, msg
+
+
+def count_calls(monkeypatch, module_name, name, log, skip=()):
+  """Every moe module's reference to `module_name.name` (but those in `skip`) appends `name` to
+  `log` when called, so a second caller anywhere shows up."""
+  original = getattr(importlib.import_module(module_name), name)
+  for mod_name in skip:  # imported now, so that it keeps the original
+    importlib.import_module(mod_name)
+
+  def counted(*args, **kwargs):
+    log.append(name)
+    return original(*args, **kwargs)
+
+  for mod_name, mod in list(sys.modules.items()):
+    if (mod_name == "moe" or mod_name.startswith("moe.")) and mod_name not in skip and getattr(
+        mod, name, None) is original:
+      monkeypatch.setattr(mod, name, counted)
+
+
+def test_setup_runs_each_check_once_before_the_data(tiny_config, tmp_path, monkeypatch):
+  """The model, data and mesh checks run once each, in validate_config's order, all before
+  make_data. (The Transformer's trace-time guard, for a ModelConfig built in code, is left out.)"""
+  log = []
+  count_calls(monkeypatch, "moe.model.config", "validate_model", log,
+              skip=("moe.model.transformer",))
+  count_calls(monkeypatch, "moe.data.pipeline", "validate_data", log)
+  count_calls(monkeypatch, "moe.sharding", "validate_mesh", log)
+  count_calls(monkeypatch, "moe.data.pipeline", "make_data", log)
+  train.setup(tiny_config(), str(tmp_path / "run"))
+  assert log == ["validate_model", "validate_data", "validate_mesh", "make_data"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads"),
+    ({"model.scan_layers": True, "model.moe_interval": 2}, "model.scan_layers"),
+])
+def test_model_error_wins_over_missing_data(tiny_config, tmp_path, monkeypatch, overrides,
+                                            needle):
+  missing = {"data.text_dir": str(tmp_path / "no_such_texts")}
+  expect_config_error(tiny_config(missing), str(tmp_path / "run"), "data.text_dir")
+
+  def no_data(*args, **kwargs):
+    raise AssertionError("make_data was called before the model was checked")
+
+  monkeypatch.setattr(data_lib, "make_data", no_data)
+  expect_config_error(tiny_config({**missing, **overrides}), str(tmp_path / "run"), needle)
 
 
 def test_default_configs_validate():

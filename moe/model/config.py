@@ -2,7 +2,8 @@
 
 `model_config_from(cfg)` turns the `model` and `moe` groups of an `ml_collections` config into
 `ModelConfig` (with a `MoeConfig` inside, or None for a dense model); `validate_model` checks every
-model field a user can get wrong, raising `ConfigError` with one line.
+model field a user can get wrong, raising `ConfigError` with one line; `validate_model_groups(cfg)`
+runs it on a config's groups before the tokenizer (and so the vocabulary size) is known.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
     d["vocab_size"] = vocab_size
   moe = moe_config_from(cfg.moe) if cfg.moe.get("enabled", True) else None
   return ModelConfig(moe=moe, **d)
+
+
+# `model.vocab_size=-1` takes the tokenizer's size, which is only known once the data is built.
+# validate_model asks nothing of it but a positive integer, which every tokenizer's size is, so
+# the config is checked with this stand-in, before any data is prepared, and not again after.
+VOCAB_STAND_IN = 259
+
+
+def validate_model_groups(cfg) -> None:
+  """validate_model on the `model` and `moe` groups (unknown fields included), vocabulary left to
+  the tokenizer or not. Raises ConfigError (one line)."""
+  validate_model(model_config_from(cfg, vocab_size=VOCAB_STAND_IN))
 
 
 def validate_model(mc: ModelConfig) -> None:

@@ -1,8 +1,19 @@
-"""Phase 1 of training: every user error in a config, found before anything is compiled.
+"""Phase 1 of training: every user error in a config, found before the data is built.
 
-Each check raises `moe.errors.ConfigError` with one line naming the field and what is allowed.
-`validate_config` needs neither data nor devices; `check_divisible` needs the mesh and the abstract
-params (still nothing compiled). The mesh itself is checked by `moe.sharding.validate_mesh`.
+Each check raises `moe.errors.ConfigError` with one line naming the field and what is allowed, and
+each runs once. `validate_config(cfg)` runs them all, in this order (the first error wins):
+
+  1. groups       `model`, `moe`, `train`, `data` and `mesh` are present
+  2. model        the `model` and `moe` groups (`moe.model.config.validate_model_groups`: every
+                  field, the MoE layer's, and scan_layers' identical blocks)
+  3. train        the `train` group's fields, `train.trainable`, `train.upcycle`'s needs
+  4. data         the `data` group (`moe.data.pipeline.validate_data`), data.seq_len <= max_len
+  5. init_from    `train.init_from` names a checkpoint on disk
+  6. mesh         `cfg.mesh` against this machine's devices and processes (`check_mesh`)
+
+Steps 1-4 read only the config (`validate_fields`: a sweep checks every run with them while it
+expands); 5-6 read the disk and the devices (`validate_environment`). Later phases check what needs
+more: `check_workdir` the run folder, `check_divisible` the abstract params on the mesh.
 """
 
 from __future__ import annotations
@@ -14,64 +25,69 @@ import jax
 from jax.sharding import NamedSharding
 
 from moe import sharding as sharding_lib
+from moe.data.pipeline import validate_data
+from moe.errors import ConfigError, check_choice, check_int, check_number
+from moe.model.config import validate_model_groups
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
-from moe.errors import ConfigError
-from moe.model.config import model_config_from, validate_model
+
+GROUPS = ("model", "moe", "train", "data", "mesh")
+# train fields that are integers >= the bound.
+TRAIN_INTS = (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1),
+              ("eval_every", 1), ("eval_batches", 0), ("checkpoint_every", 1),
+              ("keep_checkpoints", 1), ("seed", 0))
+# train fields that are numbers in an interval: (name, low, high, low_open, high_open).
+TRAIN_NUMBERS = (("learning_rate", 0.0, math.inf, True, False),
+                 ("min_lr_ratio", 0.0, 1.0, False, False),
+                 ("weight_decay", 0.0, math.inf, False, False),
+                 ("b1", 0.0, 1.0, False, True), ("b2", 0.0, 1.0, False, True),
+                 ("grad_clip", 0.0, math.inf, False, False))
 
 
-def _int_at_least(name: str, value, low: int) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+def validate_config(cfg, num_devices: int | None = None, num_processes: int | None = None) -> None:
+  """Every static check of a config, once each, in the module docstring's order (the device and
+  process counts default to this machine's). Raises ConfigError (one line)."""
+  validate_fields(cfg)
+  validate_environment(cfg, num_devices, num_processes)
 
 
-def _number_in(name: str, value, low: float, high: float, *, low_open=False, high_open=False):
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  ok = ok and (value > low if low_open else value >= low) and (
-      value < high if high_open else value <= high)
-  if not ok:
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ConfigError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
-
-
-def validate_config(cfg) -> None:
-  """Every static check of a config (no data, no devices). Raises ConfigError (one line)."""
-  for group in ("model", "moe", "train", "data", "mesh"):
+def validate_fields(cfg) -> None:
+  """Steps 1-4: every check that reads nothing but the config."""
+  for group in GROUPS:
     if group not in cfg:
       raise ConfigError(f"config has no `{group}` group (see configs/default.py)")
-  # Vocabulary size comes from the tokenizer later; any positive stand-in checks the rest.
-  validate_model(model_config_from(cfg, vocab_size=259))
+  validate_model_groups(cfg)
+  check_train(cfg)
+  validate_data(cfg.data)
+  if cfg.data.seq_len > cfg.model.max_len:
+    raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) must be <= model.max_len "
+                      f"({cfg.model.max_len}); positions restart per packed piece")
+
+
+def check_train(cfg) -> None:
+  """Step 3: the `train` group (and, for train.upcycle, whether moe is enabled)."""
   t = cfg.train
-  for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1),
-                    ("eval_every", 1), ("eval_batches", 0), ("checkpoint_every", 1),
-                    ("keep_checkpoints", 1), ("seed", 0)):
-    _int_at_least(f"train.{name}", t[name], low)
-  _number_in("train.learning_rate", t.learning_rate, 0.0, math.inf, low_open=True)
-  _number_in("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
-  _number_in("train.weight_decay", t.weight_decay, 0.0, math.inf)
-  _number_in("train.b1", t.b1, 0.0, 1.0, high_open=True)
-  _number_in("train.b2", t.b2, 0.0, 1.0, high_open=True)
-  _number_in("train.grad_clip", t.grad_clip, 0.0, math.inf)
-  if t.trainable not in step_lib.TRAINABLE:
-    raise ConfigError(f"train.trainable must be one of {list(step_lib.TRAINABLE)}, "
-                      f"got {t.trainable!r}")
-  if t.upcycle:
-    if not t.init_from:
-      raise ConfigError("train.upcycle=True needs train.init_from (the dense checkpoint to "
-                        "upcycle)")
-    if not cfg.moe.get("enabled", True):
-      raise ConfigError("train.upcycle=True needs moe.enabled=True (the MoE model to build)")
-  if t.init_from:
+  for name, low in TRAIN_INTS:
+    check_int(f"train.{name}", t[name], low)
+  for name, low, high, low_open, high_open in TRAIN_NUMBERS:
+    check_number(f"train.{name}", t[name], low, high, low_open=low_open, high_open=high_open)
+  check_choice("train.trainable", t.trainable, step_lib.TRAINABLE)
+  if t.upcycle and not t.init_from:
+    raise ConfigError("train.upcycle=True needs train.init_from (the dense checkpoint to upcycle)")
+  if t.upcycle and not cfg.moe.get("enabled", True):
+    raise ConfigError("train.upcycle=True needs moe.enabled=True (the MoE model to build)")
+
+
+def validate_environment(cfg, num_devices: int | None = None,
+                         num_processes: int | None = None) -> None:
+  """Steps 5-6: train.init_from on disk and the mesh on the devices (after `validate_fields`)."""
+  if cfg.train.init_from:
     try:
-      ckpt_lib.resolve(t.init_from)
+      ckpt_lib.resolve(cfg.train.init_from)
     except ConfigError as e:
       raise ConfigError(f"train.init_from: {e}") from None
-  from moe.data import pipeline as data_lib  # its own field checks (name, tokenizer, ...)
-  data_lib.validate_data(cfg.data)
-  seq_len, max_len = cfg.data.seq_len, cfg.model.max_len
-  if seq_len > max_len:
-    raise ConfigError(f"data.seq_len ({seq_len}) must be <= model.max_len ({max_len}); "
-                      "positions restart per packed piece")
+  check_mesh(cfg, jax.device_count() if num_devices is None else num_devices,
+             jax.process_count() if num_processes is None else num_processes)
 
 
 def check_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:

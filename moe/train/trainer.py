@@ -2,9 +2,9 @@
 
 Phases, in order (each one a few lines below):
 
-  1. validate     every user error, one line each (`ConfigError`, `moe.train.checks`), before
-                  anything is compiled:
-                  model/MoE fields, train fields, data fields, the workdir, batch vs. mesh
+  1. validate     every user error, one line each (`ConfigError`), before the data is built:
+                  `moe.train.checks.validate_config` (model/MoE, train and data fields,
+                  train.init_from, the mesh against the devices, batch and widths), the workdir
   2. mesh         `moe.sharding.make_mesh(cfg.mesh)`
   3. data         `moe.data.pipeline.make_data` (tokenizer, packed rows, iterator, eval batches)
   4. shapes       `jax.eval_shape` of the model's init: the abstract params and `moe_bias`
@@ -46,11 +46,10 @@ from moe.train import checkpoint as ckpt_lib
 from moe.train import metrics as metrics_lib
 from moe.train import step as step_lib
 from moe.errors import ConfigError
-from moe.model.config import model_config_from, validate_model
+from moe.model.config import model_config_from
 from moe import sharding as sharding_lib
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
-from moe.train.checks import (check_divisible, check_mesh, check_workdir, config_warnings,
-                              validate_config)
+from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
 
 SUMMARY_FILE = "summary.json"
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
@@ -88,21 +87,20 @@ def enable_compilation_cache(workdir: str) -> None:
 
 def setup(cfg, workdir: str) -> Setup:
   """Phases 1-5: validate, mesh, data, shapes, shardings. Nothing is compiled here."""
-  # 1. validate (static fields, workdir)
+  # 1. validate: every static check once (the mesh's included), then the workdir
   validate_config(cfg)
   for warning in config_warnings(cfg):
     logging.warning("config: %s", warning)
   check_workdir(workdir)
   enable_compilation_cache(workdir)
-  # 2. mesh (its sizes against the devices, batch, experts and widths first)
-  check_mesh(cfg, jax.device_count(), jax.process_count())
+  # 2. mesh
   mesh = make_mesh(cfg.mesh)
   # 3. data
   from moe.data import pipeline as data_lib
   data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
                             process_count=jax.process_count())
+  # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN).
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
-  validate_model(model_cfg)
   from moe.model.transformer import Transformer
   model = Transformer(model_cfg)
   # 4. shapes

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.errors import ConfigError
-from moe.model.config import model_config_from, validate_model
+from moe.model.config import model_config_from, validate_model_groups
 # The tokenizer folder moe.convert writes beside a converted checkpoint (numpy-only import).
 from moe.convert.cli import TOKENIZER_DIR as HF_TOKENIZER_DIR
 
@@ -286,9 +286,9 @@ def load(cfg, workdir: str) -> Generator:
   except ConfigError:
     raise ConfigError(f"no checkpoint in {workdir} (train one there first, or convert one with "
                       f"python -m moe.convert)") from None
+  validate_model_groups(cfg)  # before a SentencePiece tokenizer is built from the data
   tokenizer = load_tokenizer(cfg, workdir)
   model_cfg = model_config_from(cfg, vocab_size=tokenizer.vocab_size)
-  validate_model(model_cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model in {workdir} "
                       f"only {model_cfg.vocab_size} (model.vocab_size): use the tokenizer it was "

@@ -103,9 +103,10 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
   sweep = expand(cfg, workdir)  # every ConfigError surfaces here, before any training
   if train_fn is None:
     from moe.train import trainer as train  # imported late: tests inject a fake and need no trainer
-    for r in sweep.runs:  # the trainer's own static checks, before anything trains
+    from moe.train.checks import validate_environment  # likewise
+    for r in sweep.runs:  # expand checked the fields; the disk and devices, before any training
       try:
-        train.validate_config(r.cfg)
+        validate_environment(r.cfg)
       except ConfigError as e:
         raise ConfigError(f"sweep member {r.member} (seed {r.seed}): {e}") from None
     train_fn = train.train_and_evaluate

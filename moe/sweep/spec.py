@@ -24,7 +24,8 @@ Format (built by `configs/ablations/*.py`, see `configs/ablations/_base.py` for 
 
 A run's config is the base config (everything but `sweep`) with, in order, the scale's overrides,
 the member's overrides, `train.seed`, and (smoke mode) `SMOKE_OVERRIDES`. Every override must
-name an existing field; every run config is validated before anything trains.
+name an existing field; every run config passes the trainer's config-only checks
+(`moe.train.checks.validate_fields`) here, before anything trains.
 
 The runner that trains the runs and writes the report is `moe/sweep.py`.
 """
@@ -38,8 +39,7 @@ import os
 import re
 from typing import Any
 
-from moe.errors import ConfigError
-from moe.model.config import model_config_from, validate_model
+from moe.errors import ConfigError, check_int
 
 SCALES = ("cpu", "accelerator")
 
@@ -218,14 +218,15 @@ def base_config(cfg):
 
 
 def _validate_run_config(c, what: str) -> None:
+  """The trainer's config-only checks (`moe.train.checks.validate_fields`), and an evaluation:
+  a table compares eval metrics. The disk and devices are checked by the runner."""
+  # Imported here, not at the top: report.py reads a finished sweep without importing jax.
+  from moe.train.checks import validate_fields
   try:
-    validate_model(model_config_from(c, vocab_size=259))
+    validate_fields(c)
+    check_int("train.eval_batches", c.train.eval_batches, 1)
   except ConfigError as e:
     raise ConfigError(f"{what}: {e}") from None
-  for f in ("steps", "batch_size", "eval_batches", "log_every", "eval_every", "checkpoint_every"):
-    v = c.train[f]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise ConfigError(f"{what}: train.{f} must be an integer >= 1, got {v!r}")
 
 
 def expand(cfg, workdir: str | None = None) -> Sweep:

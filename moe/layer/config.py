@@ -8,8 +8,10 @@ wrong, raising `ConfigError` with one line that names the field and the allowed 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moe.errors import ConfigError, check_choice, check_fields, check_int, check_positive
+from moe.errors import (ConfigError, check_choice, check_fields, check_int, check_number,
+                        check_positive)
 
 ROUTERS = ("token_choice", "expert_choice")
 PRIORITIES = ("choice_major", "bpr")
@@ -64,22 +66,17 @@ def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> N
                       f"{prefix}.num_experts (E={m.num_experts})")
   check_positive(f"{prefix}.capacity_factor", m.capacity_factor, allow_none=True)
   check_positive(f"{prefix}.eval_capacity_factor", m.eval_capacity_factor, allow_none=True)
-  if m.min_capacity < 0:
-    raise ConfigError(f"{prefix}.min_capacity must be >= 0, got {m.min_capacity}")
-  if m.group_size is not None:
-    check_positive(f"{prefix}.group_size", m.group_size)
+  check_int(f"{prefix}.min_capacity", m.min_capacity, 0)
+  check_int(f"{prefix}.group_size", m.group_size, 1, allow_none=True)
   check_choice(f"{prefix}.router", m.router, ROUTERS)
   check_choice(f"{prefix}.priority", m.priority, PRIORITIES)
   check_choice(f"{prefix}.expert_mlp", m.expert_mlp, EXPERT_MLPS)
   check_choice(f"{prefix}.dispatch", m.dispatch, DISPATCHES)
   check_choice(f"{prefix}.router_dtype", m.router_dtype, DTYPES)
-  if not 0.0 <= m.jitter_eps < 1.0:
-    raise ConfigError(f"{prefix}.jitter_eps must be in [0, 1), got {m.jitter_eps}")
-  if m.num_shared_experts < 0:
-    raise ConfigError(f"{prefix}.num_shared_experts must be >= 0, got {m.num_shared_experts}")
+  check_number(f"{prefix}.jitter_eps", m.jitter_eps, 0.0, 1.0, high_open=True)
+  check_int(f"{prefix}.num_shared_experts", m.num_shared_experts, 0)
   for f in ("load_balance_weight", "z_loss_weight", "bias_rate"):
-    if getattr(m, f) < 0:
-      raise ConfigError(f"{prefix}.{f} must be >= 0, got {getattr(m, f)}")
+    check_number(f"{prefix}.{f}", getattr(m, f), 0.0, math.inf)
   if causal and not m.allow_noncausal_routing:
     if m.router == "expert_choice":
       raise ConfigError(f"{prefix}.router='expert_choice' reads future tokens in a causal decoder; "

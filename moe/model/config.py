@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe.errors import ConfigError, check_choice, check_fields, check_int, check_positive
+from moe.errors import ConfigError, check_choice, check_fields, check_int
 from moe.layer.config import DTYPES, EXPERT_MLPS, MoeConfig, moe_config_from, validate_moe
 
 
@@ -85,8 +85,7 @@ def validate_model(mc: ModelConfig) -> None:
   check_choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
   if mc.positions == "rope" and mc.head_dim % 2:
     raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")
-  if mc.sliding_window is not None:
-    check_positive("model.sliding_window", mc.sliding_window)
+  check_int("model.sliding_window", mc.sliding_window, 1, allow_none=True)
   if mc.scan_layers and mc.moe is not None and (mc.moe_interval != 1 or mc.first_moe_layer != 0):
     raise ConfigError(
         "model.scan_layers=True needs identical blocks: use moe_interval=1 and first_moe_layer=0 "

@@ -80,6 +80,7 @@ def assert_one_line_error(proc, *needles):
     ({"train.upcycle": True}, ("train.upcycle", "train.init_from")),
     ({"train.init_from": "/nonexistent/run"}, ("train.init_from", "/nonexistent/run")),
     ({"train.min_lr_ratio": 2.0}, ("train.min_lr_ratio",)),
+    ({"train.upcycle_noise": -0.1}, ("train.upcycle_noise", "[0.0, inf]")),
     ({"mesh.data": 3}, ("mesh",)),
     ({"moe.capacity_factor": -1.0}, ("moe.capacity_factor",)),
 ])

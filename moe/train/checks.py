@@ -41,7 +41,8 @@ TRAIN_NUMBERS = (("learning_rate", 0.0, math.inf, True, False),
                  ("min_lr_ratio", 0.0, 1.0, False, False),
                  ("weight_decay", 0.0, math.inf, False, False),
                  ("b1", 0.0, 1.0, False, True), ("b2", 0.0, 1.0, False, True),
-                 ("grad_clip", 0.0, math.inf, False, False))
+                 ("grad_clip", 0.0, math.inf, False, False),
+                 ("upcycle_noise", 0.0, math.inf, False, False))
 
 
 def validate_config(cfg, num_devices: int | None = None, num_processes: int | None = None) -> None:

@@ -18,7 +18,6 @@ A record (one JSON object per logged step in `workdir/metrics.jsonl`) holds:
 
 from __future__ import annotations
 
-import json
 from absl import logging
 import math
 import os
@@ -26,7 +25,7 @@ import time
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from moe.rundir import METRICS_FILE, append_metrics, read_metrics, write_metrics
 
 
 def summarize_window(window: list[dict]) -> dict:
@@ -95,24 +94,13 @@ class MetricsLog:
     """On resume from `step`: drop records of steps that will be trained again."""
     if not self.primary or not os.path.exists(self.path):
       return
-    keep = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line)["step"] <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError):
-          continue  # a line cut short by a kill
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    write_metrics(self.path, [r for r in read_metrics(self.path)  # skips a line cut by a kill
+                              if "step" in r and r["step"] <= step])
 
   def write(self, step: int, record: dict) -> None:
     record = {"step": int(step), **record}
     if self.primary:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      append_metrics(self.path, record)
     scalars = {k: v for k, v in record.items()
                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
     per_layer = {k: v for k, v in scalars.items() if k.startswith("moe/layer_")}

@@ -30,7 +30,6 @@ its own shards of each checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -46,12 +45,12 @@ from moe.train import checkpoint as ckpt_lib
 from moe.train import metrics as metrics_lib
 from moe.train import step as step_lib
 from moe.errors import ConfigError
+from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.model.config import model_config_from
 from moe import sharding as sharding_lib
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
 
-SUMMARY_FILE = "summary.json"
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
 
@@ -172,7 +171,7 @@ def evaluate(cfg, workdir: str) -> dict:
   Returns the eval metrics (eval_loss, eval_cross_entropy, eval_bits_per_byte, ...).
   """
   s = setup(cfg, workdir)
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
   abstract = {k: v for k, v in s.abstract.items() if v}  # moe_bias is {} in a dense model
   loaded = ckpt_lib.load_state_items(directory, abstract, where=f"--workdir={workdir}")
   loaded.setdefault("moe_bias", {})
@@ -183,13 +182,6 @@ def evaluate(cfg, workdir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=repr)
-  os.replace(tmp, path)
 
 
 def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) -> dict:
@@ -210,7 +202,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   abstract_state, state_shardings = _abstract_state(s, tx)
 
   # 6. checkpoint: the newest one in the workdir (or init_from) must fit, before compiling.
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR),
                                        keep=tc.keep_checkpoints)
   resume_step = checkpointer.latest_step()
   _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
@@ -256,7 +248,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
       "mesh": {k: int(v) for k, v in s.mesh.shape.items()}, "data": s.data.info,
   }
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary, indent=2)
   logging.info("%s at step %d: %s", loop.status, loop.step, loop.last_eval)
   return summary
 

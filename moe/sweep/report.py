@@ -18,7 +18,8 @@ import json
 import math
 import os
 
-from moe.sweep.runner import METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, read_json
+from moe.rundir import (METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
+                        read_json, read_metrics, replacing, write_text_atomic)
 from moe.sweep.spec import describe_overrides
 
 # (key in summary.json / metrics.jsonl, column header, number format)
@@ -49,23 +50,6 @@ def _finite(v) -> float | None:
   return v if math.isfinite(v) else None
 
 
-def read_metrics(path: str) -> list[dict]:
-  """metrics.jsonl records; a torn last line (run killed mid-write) is ignored."""
-  out = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(rec, dict):
-          out.append(rec)
-  except OSError:
-    pass
-  return out
-
-
 def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
   """Status, final values, loss curve and extra evaluations of one (member, seed) run."""
   summary = read_json(os.path.join(rundir, SUMMARY_FILE))
@@ -91,7 +75,7 @@ def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
            if isinstance(r.get("step"), int) and _finite(r.get(curve_key)) is not None]
   extra = {}
   for name in eval_names:
-    e = read_json(os.path.join(rundir, f"eval_{name}.json"))
+    e = read_json(os.path.join(rundir, eval_file(name)))
     extra[name] = e.get("metrics", {}) if isinstance(e, dict) else None
   info = read_json(os.path.join(rundir, RUN_INFO_FILE)) or {}
   return {"status": status, "values": values, "curve": curve, "extra": extra,
@@ -382,23 +366,15 @@ def render_plot(data: dict, path: str) -> None:
   plt.close(fig)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_report(workdir: str, generated: str | None = None) -> dict:
   """Writes table.md, table.csv and plot.png into the sweep's workdir; returns their paths."""
   data = collect(workdir)
   generated = generated or datetime.datetime.now().isoformat(timespec="seconds")
   paths = {n: os.path.join(workdir, n) for n in ("table.md", "table.csv", "plot.png")}
-  _write_atomic(paths["table.md"], render_markdown(data, generated))
-  _write_atomic(paths["table.csv"], render_csv(data))
-  tmp = os.path.join(workdir, f"plot.tmp{os.getpid()}.png")
-  render_plot(data, tmp)
-  os.replace(tmp, paths["plot.png"])
+  write_text_atomic(paths["table.md"], render_markdown(data, generated))
+  write_text_atomic(paths["table.csv"], render_csv(data))
+  with replacing(paths["plot.png"]) as tmp:  # keeps .png: matplotlib picks the format from it
+    render_plot(data, tmp)
   return paths
 
 

@@ -1,11 +1,11 @@
 """Ablation sweeps, the runner: trains every (member, seed) run of a sweep config, then reports.
 
-The format of a sweep config and its expansion into runs live in `moe/sweep_spec.py`.
+The format of a sweep config and its expansion into runs live in `moe/sweep/spec.py`.
 
 `run(cfg, workdir, shard="i/n")` trains the i-th round-robin slice of the (seed, member) runs into
 `workdir/<member>/seed<k>/`, skipping runs whose summary.json says completed or diverged (an
 interrupted run is simply called again: the trainer resumes from its checkpoint), then writes the
-report (`moe/report.py`), partial if runs are missing.
+report (`moe/sweep/report.py`), partial if runs are missing.
 """
 
 from __future__ import annotations
@@ -22,32 +22,15 @@ import traceback
 from typing import Callable
 
 from moe.errors import ConfigError
+from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
+                        read_json, write_json_atomic)
+from moe.sweep import report
 from moe.sweep.spec import Run, Sweep, apply_override, expand, parse_shard
 
 DONE_STATUSES = ("completed", "diverged")
-SWEEP_FILE = "sweep.json"  # the expanded sweep, written into the sweep's workdir
-RUN_INFO_FILE = "sweep_run.json"  # per run: machine, wall time, written by the runner
-SUMMARY_FILE = "summary.json"  # per run: written by the trainer
-METRICS_FILE = "metrics.jsonl"  # per run: written by the trainer
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json(path: str, obj) -> None:
-  """Atomic write (parallel shards share the sweep directory)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=False, default=repr)
-  os.replace(tmp, path)
-
-
-def read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def run_status(rundir: str) -> str | None:
@@ -118,7 +101,7 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
   info["command"] = command_for(sweep, workdir)
   info["argv"] = shlex.join([os.path.basename(sys.executable)] + sys.argv)
   info["extra_eval_available"] = eval_fn is not None
-  write_json(os.path.join(workdir, SWEEP_FILE), info)
+  write_json_atomic(os.path.join(workdir, SWEEP_FILE), info)  # shards share the workdir
 
   mine = sweep.runs[index::count]
   done = {"trained": [], "skipped": [], "failed": [], "preempted": []}
@@ -133,7 +116,7 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
     else:
       os.makedirs(rundir, exist_ok=True)
       machine = machine or machine_description()
-      write_json(os.path.join(rundir, "config.json"), r.cfg.to_dict())
+      write_json_atomic(os.path.join(rundir, CONFIG_FILE), r.cfg.to_dict())
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: "
           f"{'resuming' if status else 'training'}")
       t0 = time.time()
@@ -145,13 +128,13 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
         log(f"[sweep] {tag} raised {error}\n{traceback.format_exc()}")
       wall = time.time() - t0
       prev = read_json(os.path.join(rundir, RUN_INFO_FILE)) or {}
-      write_json(os.path.join(rundir, RUN_INFO_FILE), {
+      write_json_atomic(os.path.join(rundir, RUN_INFO_FILE), {
           "machine": machine, "wall_s": wall + float(prev.get("wall_s", 0.0)),
           "finished": datetime.datetime.now().isoformat(timespec="seconds"), "error": error})
       status = run_status(rundir)
       if error is not None and status not in DONE_STATUSES + ("failed",):
-        write_json(os.path.join(rundir, SUMMARY_FILE),
-                   {"status": "failed", "error": error, "written_by": "moe.sweep"})
+        write_json_atomic(os.path.join(rundir, SUMMARY_FILE),
+                          {"status": "failed", "error": error, "written_by": "moe.sweep"})
         status = "failed"
       if status == "preempted":  # the trainer saw SIGTERM / a stop request: stop the sweep too
         log(f"[sweep {index}/{count}] {tag} was preempted; rerun the same command to resume")
@@ -161,7 +144,6 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
     if status == "completed" and sweep.eval_overrides:
       _extra_evals(sweep, r, rundir, eval_fn, log)
 
-  from moe.sweep import report  # no jax, no trainer
   paths = report.write_report(workdir)
   log(f"[sweep {index}/{count}] report: {paths['table.md']}")
   done["report"] = paths
@@ -182,7 +164,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_existing(sweep: Sweep, workdir: str) -> None:
   """A run directory left by a different config would be silently reused: refuse it."""
   for r in sweep.runs:
-    old = read_json(os.path.join(r.dirname(workdir), "config.json"))
+    old = read_json(os.path.join(r.dirname(workdir), CONFIG_FILE))
     if old is None:
       continue
     a, b = _flat(old), _flat(r.cfg.to_dict())
@@ -194,7 +176,7 @@ def _check_existing(sweep: Sweep, workdir: str) -> None:
 
 def _extra_evals(sweep: Sweep, r: Run, rundir: str, eval_fn, log) -> None:
   for e in sweep.eval_overrides:
-    path = os.path.join(rundir, f"eval_{e['name']}.json")
+    path = os.path.join(rundir, eval_file(e["name"]))
     if os.path.exists(path):
       continue
     if eval_fn is None:
@@ -212,4 +194,4 @@ def _extra_evals(sweep: Sweep, r: Run, rundir: str, eval_fn, log) -> None:
         clean[k] = float(v)  # python, numpy and 0-d jax numbers
       except (TypeError, ValueError):
         clean[k] = v if isinstance(v, (str, bool, type(None))) else repr(v)
-    write_json(path, {"overrides": e["overrides"], "metrics": clean})
+    write_json_atomic(path, {"overrides": e["overrides"], "metrics": clean})

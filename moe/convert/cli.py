@@ -37,10 +37,10 @@ import numpy as np
 
 from moe.convert import layouts as convert_hf
 from moe.errors import ConfigError
+from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
 
-CONFIG_JSON = "config.json"
+CONFIG_JSON = "config.json"  # a Hugging Face model folder's; our workdir's is CONFIG_FILE
 CONFIG_PY = "config.py"
-TOKENIZER_DIR = "hf_tokenizer"  # beside a converted checkpoint; moe.inference.generate reads it
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -177,7 +177,7 @@ def save_checkpoint(workdir: str, params) -> str:
   """Writes `params` as step 0 in `workdir/checkpoints` (moe.train.checkpoint's format)."""
   import jax
   from moe.train import checkpoint as ckpt_lib
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(workdir, CHECKPOINTS_DIR)
   if os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory)):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
   state = {"step": np.zeros((), np.int32),
@@ -216,13 +216,12 @@ def from_hf(folder: str, workdir: str) -> dict:
   spec["source"] = {"from_hf": os.path.abspath(folder), "model_type": arch,
                     "architectures": hf.get("architectures"),
                     "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
-  with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-    json.dump(spec, f, indent=1)
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), spec, default=None)
   with open(os.path.join(workdir, CONFIG_PY), "w") as f:
     f.write(_config_py(f"from {arch}"))
   tok = os.path.join(folder, "tokenizer.json")
   if os.path.isfile(tok):
-    dst = os.path.join(workdir, TOKENIZER_DIR)
+    dst = os.path.join(workdir, HF_TOKENIZER_DIR)
     os.makedirs(dst, exist_ok=True)
     shutil.copy(tok, dst)
     with open(os.path.join(dst, "special_tokens.json"), "w") as f:
@@ -253,7 +252,7 @@ def _load_config_file(path: str):
 
 
 def _groups_of(workdir: str, config_file: str | None) -> dict:
-  path = os.path.join(workdir, CONFIG_JSON)
+  path = os.path.join(workdir, CONFIG_FILE)
   if config_file:
     cfg = _load_config_file(config_file)
     return {"model": dict(cfg.model), "moe": dict(cfg.moe)}
@@ -289,7 +288,7 @@ def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
   top = {k: v for k, v in params.items() if not k.startswith("block")}
   config, tensors = convert_hf.params_to_mixtral(model, moe, block, top)
   config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
-  source = os.path.join(workdir, CONFIG_JSON)
+  source = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(source):
     src = json.load(open(source)).get("source", {})
     for k in ("bos_token_id", "eos_token_id"):
@@ -299,7 +298,7 @@ def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
   write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
   with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
     json.dump(config, f, indent=1)
-  tok = os.path.join(workdir, TOKENIZER_DIR, "tokenizer.json")
+  tok = os.path.join(workdir, HF_TOKENIZER_DIR, "tokenizer.json")
   if os.path.isfile(tok):
     shutil.copy(tok, out_dir)
   return config

@@ -42,8 +42,7 @@ import numpy as np
 
 from moe.errors import ConfigError
 from moe.model.config import model_config_from, validate_model_groups
-# The tokenizer folder moe.convert writes beside a converted checkpoint (numpy-only import).
-from moe.convert.cli import TOKENIZER_DIR as HF_TOKENIZER_DIR
+from moe.rundir import HF_TOKENIZER_DIR
 
 DEFAULTS = dict(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
 

@@ -35,6 +35,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from moe.rundir import SUMMARY_FILE
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/default.py; override fields with "
     "--config.<group>.<field>=<value>.", lock_config=True)
@@ -212,7 +214,8 @@ def run(cfg) -> int:
     if "eval_bits_per_byte" in summary and jax.process_index() == 0:
       print(f"{summary.get('status')} at step {summary.get('step')}: validation bits per byte "
             f"{summary['eval_bits_per_byte']:.4f}, cross-entropy "
-            f"{summary['eval_cross_entropy']:.4f} nats/token ({workdir}/summary.json)", flush=True)
+            f"{summary['eval_cross_entropy']:.4f} nats/token ({workdir}/{SUMMARY_FILE})",
+            flush=True)
     return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
   except (ConfigError, UserError) as e:
     fail(str(e))

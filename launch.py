@@ -33,8 +33,11 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 from ml_collections import config_flags
 
+from moe.errors import ConfigError
 from moe.rundir import SUMMARY_FILE
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -164,7 +167,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize when flags or the cluster environment ask for processes."""
-  import jax
   n, pid, addr = _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR.value
   if n < 1 or not 0 <= pid < n:
     raise UserError(f"--process_id={pid} must be in [0, --num_processes={n})")
@@ -191,7 +193,8 @@ def cluster_launched() -> bool:
 
 
 def run(cfg) -> int:
-  from moe.errors import ConfigError
+  # Each mode imports only its own stack (sweep runner, generation, trainer): they pull in
+  # TensorFlow, grain and matplotlib in different measure, and start-up time is the user's.
   try:
     maybe_initialize_distributed()
     workdir = _WORKDIR.value
@@ -208,7 +211,6 @@ def run(cfg) -> int:
       from moe.inference import generate
       generate.main(flags.FLAGS)
       return 0
-    import jax
     from moe.train import trainer as train
     summary = train.train_and_evaluate(cfg, workdir)
     if "eval_bits_per_byte" in summary and jax.process_index() == 0:
@@ -234,7 +236,6 @@ class QuietLibraries(std_logging.Filter):
 
 
 def main(argv: list[str]) -> None:
-  from absl import logging
   logging.get_absl_handler().addFilter(QuietLibraries())
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]} (flags look like --name=value)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -188,7 +189,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 def logical_sharding(mesh: Mesh, logical_axes) -> NamedSharding:
   """NamedSharding for an array whose dims carry these logical names."""
-  import flax.linen as nn
   spec = nn.logical_to_mesh_axes(logical_axes, LOGICAL_RULES)
   return NamedSharding(mesh, spec)
 
@@ -205,6 +205,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activate(mesh: Mesh):
   """Trace and run under this mesh: `jax.set_mesh` plus Flax's logical axis rules."""
-  import flax.linen as nn
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     yield mesh

@@ -26,18 +26,27 @@ top-K: a model trained with a capacity factor computes the same except where it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
+import importlib.util
 import json
 import os
 import shutil
 import struct
 import sys
 
+import jax
+import ml_collections
+import ml_dtypes
 import numpy as np
 
 from moe.convert import layouts as convert_hf
 from moe.errors import ConfigError
+from moe.layer.config import MoeConfig
+from moe.model.config import ModelConfig, model_config_from, validate_model
+from moe.model.transformer import param_shapes
 from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
+from moe.train import checkpoint as ckpt_lib
 
 CONFIG_JSON = "config.json"  # a Hugging Face model folder's; our workdir's is CONFIG_FILE
 CONFIG_PY = "config.py"
@@ -65,7 +74,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       continue
     code = info["dtype"]
     if code == "BF16":
-      import ml_dtypes
       dtype = np.dtype(ml_dtypes.bfloat16)
     elif code in _DTYPES:
       dtype = np.dtype(_DTYPES[code])
@@ -158,9 +166,6 @@ def get_config():
 
 def model_groups(model: dict, moe: dict | None) -> dict:
   """The `model` / `moe` config groups (every field given, so defaults cannot leak in)."""
-  import dataclasses
-  from moe.model.config import ModelConfig
-  from moe.layer.config import MoeConfig
   m = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)
        if f.name != "moe"}
   m.update(model)
@@ -175,8 +180,6 @@ def model_groups(model: dict, moe: dict | None) -> dict:
 
 def save_checkpoint(workdir: str, params) -> str:
   """Writes `params` as step 0 in `workdir/checkpoints` (moe.train.checkpoint's format)."""
-  import jax
-  from moe.train import checkpoint as ckpt_lib
   directory = os.path.join(workdir, CHECKPOINTS_DIR)
   if os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory)):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
@@ -200,9 +203,6 @@ def from_hf(folder: str, workdir: str) -> dict:
                       f"converted model, e.g. {left[0]!r}")
   spec = model_groups(model, moe)
   # The config must describe exactly these params (checked before anything is written).
-  from moe.model.config import model_config_from, validate_model
-  import ml_collections
-  from moe.model.transformer import param_shapes
   mc = model_config_from(ml_collections.ConfigDict(spec))
   validate_model(mc)
   want = {k: tuple(v.shape) for k, v in _flat(param_shapes(mc)).items()}
@@ -244,7 +244,6 @@ def _flat(tree, prefix="") -> dict:
 
 
 def _load_config_file(path: str):
-  import importlib.util
   spec = importlib.util.spec_from_file_location("_convert_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -267,7 +266,6 @@ def _groups_of(workdir: str, config_file: str | None) -> dict:
 
 def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
   """Exports the newest checkpoint in `workdir` as a Mixtral folder; returns its config.json."""
-  from moe.train import checkpoint as ckpt_lib
   try:
     ckpt_lib.resolve(workdir)
   except ConfigError:

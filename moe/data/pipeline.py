@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Any
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -208,8 +209,6 @@ class TrainIterator:
     self._num_workers = num_workers
     it = dataset.to_iter_dataset()
     if num_workers > 0:
-      from absl import flags  # pylint: disable=g-import-not-at-top
-
       if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
         flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_SP_VOCAB = 320  # 256 byte pieces + 4 specials + "\n" + room for the corpus' characters
@@ -56,7 +57,6 @@ class SentencePieceTokenizer:
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def __init__(self, model_proto: bytes):
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.model_proto = model_proto
@@ -100,7 +100,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *,
   Lines are the training sentences ("\\n" is a user-defined piece, so it is never merged).
   Raises ValueError (with SentencePiece's reason) when the vocabulary cannot be built.
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
   def lines():
     budget = max_chars

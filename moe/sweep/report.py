@@ -310,6 +310,8 @@ def render_csv(data: dict) -> str:
 
 
 def render_plot(data: dict, path: str) -> None:
+  # matplotlib only when a plot is drawn: import time, and the Agg backend is chosen here, not
+  # for whoever imports this module.
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

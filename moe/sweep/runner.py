@@ -21,11 +21,15 @@ import time
 import traceback
 from typing import Callable
 
+import jax
+
 from moe.errors import ConfigError
 from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
                         read_json, write_json_atomic)
 from moe.sweep import report
 from moe.sweep.spec import Run, Sweep, apply_override, expand, parse_shard
+from moe.train import trainer as train
+from moe.train.checks import validate_environment
 
 DONE_STATUSES = ("completed", "diverged")
 
@@ -41,7 +45,6 @@ def run_status(rundir: str) -> str | None:
 def machine_description() -> str:
   parts = [platform.node() or "?", platform.machine(), f"{os.cpu_count()} CPU cores"]
   try:
-    import jax  # the trainer imports it anyway
     devs = jax.devices()
     parts.append(f"{len(devs)}x {devs[0].device_kind} ({jax.default_backend()})")
   except Exception:  # noqa: BLE001 - the description is best effort
@@ -62,11 +65,7 @@ def command_for(sweep: Sweep, workdir: str) -> str:
 
 
 def _default_eval_fn():
-  try:
-    from moe.train import trainer as train
-  except ImportError:
-    return None
-  return getattr(train, "evaluate", None)
+  return train.evaluate
 
 
 def _eval_config(run: Run, overrides: dict):
@@ -85,8 +84,6 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
   index, count = parse_shard(shard)
   sweep = expand(cfg, workdir)  # every ConfigError surfaces here, before any training
   if train_fn is None:
-    from moe.train import trainer as train  # imported late: tests inject a fake and need no trainer
-    from moe.train.checks import validate_environment  # likewise
     for r in sweep.runs:  # expand checked the fields; the disk and devices, before any training
       try:
         validate_environment(r.cfg)

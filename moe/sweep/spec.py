@@ -27,7 +27,7 @@ the member's overrides, `train.seed`, and (smoke mode) `SMOKE_OVERRIDES`. Every 
 name an existing field; every run config passes the trainer's config-only checks
 (`moe.train.checks.validate_fields`) here, before anything trains.
 
-The runner that trains the runs and writes the report is `moe/sweep.py`.
+The runner that trains the runs and writes the report is `moe/sweep/runner.py`.
 """
 
 from __future__ import annotations

@@ -41,14 +41,17 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
+from moe import sharding as sharding_lib
+from moe.data import pipeline as data_lib
+from moe.errors import ConfigError
+from moe.model.config import model_config_from
+from moe.model.transformer import Transformer, active_params, count_params
+from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
+from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train import checkpoint as ckpt_lib
 from moe.train import metrics as metrics_lib
 from moe.train import step as step_lib
-from moe.errors import ConfigError
-from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
-from moe.model.config import model_config_from
-from moe import sharding as sharding_lib
-from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
+from moe.train import upcycle
 from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
@@ -95,12 +98,10 @@ def setup(cfg, workdir: str) -> Setup:
   # 2. mesh
   mesh = make_mesh(cfg.mesh)
   # 3. data
-  from moe.data import pipeline as data_lib
   data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
                             process_count=jax.process_count())
   # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN).
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
-  from moe.model.transformer import Transformer
   model = Transformer(model_cfg)
   # 4. shapes
   B, L = cfg.train.batch_size, cfg.data.seq_len
@@ -235,7 +236,6 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   loop.log.close()
 
   # 10. summary
-  from moe.model.transformer import active_params, count_params
   summary = {
       "status": loop.status, "step": loop.step, "steps": tc.steps, **loop.last_eval,
       "tokens_per_s": (loop.train_steps * _tokens_per_step(cfg) / loop.train_time
@@ -407,7 +407,6 @@ def _initial_params(cfg, s: Setup):
   checkpoint turned into this MoE model by `moe.train.upcycle` (`train.upcycle`)."""
   tc = cfg.train
   if tc.upcycle:
-    from moe.train import upcycle
     dense = ckpt_lib.load_params(tc.init_from)
     new = upcycle.upcycle_params(dense, s.abstract["params"], cfg)
     return jax.device_put(new, s.shardings["params"])

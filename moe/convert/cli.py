@@ -45,6 +45,7 @@ from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig, model_config_from, validate_model
 from moe.model.transformer import param_shapes
+from moe import trees
 from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
 
@@ -205,8 +206,8 @@ def from_hf(folder: str, workdir: str) -> dict:
   # The config must describe exactly these params (checked before anything is written).
   mc = model_config_from(ml_collections.ConfigDict(spec))
   validate_model(mc)
-  want = {k: tuple(v.shape) for k, v in _flat(param_shapes(mc)).items()}
-  have = {k: tuple(np.shape(v)) for k, v in _flat(params).items()}
+  want = {k: tuple(v.shape) for k, v in trees.flatten(param_shapes(mc), sep="/").items()}
+  have = {k: tuple(np.shape(v)) for k, v in trees.flatten(params, sep="/").items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[0]
     raise ConfigError(f"--from_hf={folder}: internal mismatch between converted params and the "
@@ -228,16 +229,6 @@ def from_hf(folder: str, workdir: str) -> dict:
       json.dump({"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"),
                  "pad_id": hf.get("pad_token_id")}, f)
   return spec
-
-
-def _flat(tree, prefix="") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 # ----------------------------------------------------------------------------- export

@@ -147,13 +147,10 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
   return done
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=repr))
+def _flat(d: dict) -> dict:
+  """A config dict as {"a.b": value as JSON reads it back}, comparable with a config.json."""
+  from moe import trees  # imports jax, which this module leaves to the trainer
+  out = {k: json.loads(json.dumps(v, default=repr)) for k, v in trees.flatten(d, sep=".").items()}
   out.pop("data.tfds_data_dir", None)  # depends on where the workdir is mounted
   return out
 

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moe import trees
 from moe.errors import ConfigError
 
 STATE = "state"
@@ -175,31 +176,7 @@ def saved_state_shapes(directory, step: int) -> dict[str, tuple]:
   if meta is None:
     raise ConfigError(f"{directory}/{step} has no readable '{STATE}' item")
   tree = getattr(meta, "tree", meta)
-  return {name: tuple(m.shape) for name, m in _named_leaves(tree)}
-
-
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def key_names(path) -> list[str]:
-  """A jax key path as plain names: dict keys, attribute names, sequence indices."""
-  return [_key_name(k) for k in path]
-
-
-def leaf_paths(tree) -> list[tuple[tuple[str, ...], object]]:
-  """[(path as a tuple of names, leaf)] for array-like leaves (anything with a shape)."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
-  return [(tuple(key_names(path)), leaf) for path, leaf in leaves if hasattr(leaf, "shape")]
-
-
-def _named_leaves(tree):
-  """[(slash-joined path, leaf)] for array-like leaves (anything with a shape)."""
-  return [("/".join(path), leaf) for path, leaf in leaf_paths(tree)]
+  return {name: tuple(m.shape) for name, m in trees.array_leaves(tree, sep="/")}
 
 
 def check_compatible(saved: dict[str, tuple], abstract_tree, *, where: str, fix: str,
@@ -210,7 +187,8 @@ def check_compatible(saved: dict[str, tuple], abstract_tree, *, where: str, fix:
   config builds; `prefix` restricts the comparison to paths under it on the saved side (e.g.
   "params/" when only the params are loaded).
   """
-  want = {prefix + name: tuple(leaf.shape) for name, leaf in _named_leaves(abstract_tree)}
+  want = {prefix + name: tuple(leaf.shape)
+          for name, leaf in trees.array_leaves(abstract_tree, sep="/")}
   have = {k: v for k, v in saved.items() if k.startswith(prefix)}
   # Params first: they explain the difference best (opt_state mirrors them).
   order = sorted(want, key=lambda k: (not k.startswith("params/"), k))

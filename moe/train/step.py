@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe import trees
+
 TRAINABLE = ("all", "non_moe", "moe", "router_frozen")
 MOE_KEYS = ("load_balance_loss", "z_loss", "aux_loss")
 
@@ -44,13 +46,9 @@ def learning_rate_schedule(tc) -> Callable[[Any], jax.Array]:
   return schedule
 
 
-def _keys(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
 def _decays(path, leaf) -> bool:
   """Weight decay applies to weight matrices, not to norm scales or biases."""
-  name = _keys(path)[-1] if path else ""
+  name = trees.key_names(path)[-1] if path else ""
   if name in ("scale", "bias") or name.endswith("_bias") or re.fullmatch(r"b_\w+", name):
     return False
   return getattr(leaf, "ndim", 0) >= 2

@@ -42,6 +42,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from moe import sharding as sharding_lib
+from moe import trees
 from moe.data import pipeline as data_lib
 from moe.errors import ConfigError
 from moe.model.config import model_config_from
@@ -141,10 +142,10 @@ def _opt_shardings(tx, abstract_params, param_shardings, mesh):
   by_path = {}
   for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                               jax.tree.leaves(param_shardings)):
-    by_path[tuple(ckpt_lib.key_names(path))] = (tuple(leaf.shape), sh)
+    by_path[tuple(trees.key_names(path))] = (tuple(leaf.shape), sh)
 
   def pick(path, leaf):
-    names = tuple(ckpt_lib.key_names(path))
+    names = tuple(trees.key_names(path))
     for start in range(len(names)):
       hit = by_path.get(names[start:])
       if hit is not None and hit[0] == tuple(leaf.shape):

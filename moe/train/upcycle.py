@@ -29,27 +29,12 @@ import zlib
 import jax
 import numpy as np
 
-from moe.train import checkpoint as ckpt_lib
+from moe import trees
 from moe.layer import modules as layers
 from moe.errors import ConfigError
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
 FRESH = ("router", "shared")  # sub-trees of an MoE layer that do not come from the dense FFN
-
-
-def _flatten(tree) -> dict[tuple[str, ...], object]:
-  """{path tuple: leaf} of a nested-dict tree (leaves: arrays or ShapeDtypeStructs)."""
-  return dict(ckpt_lib.leaf_paths(tree))
-
-
-def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = leaf
-  return out
 
 
 def _name(path) -> str:
@@ -95,9 +80,9 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
   if noise < 0:
     raise ConfigError(f"train.upcycle_noise must be >= 0, got {noise}")
   seed = int(cfg.train.get("seed", 0))
-  dense = _flatten(dense_params)
-  want = _flatten(abstract_moe_params)
-  init = _flatten(init_params) if init_params is not None else {}
+  dense = dict(trees.array_leaves(dense_params))  # {path tuple: leaf}
+  want = dict(trees.array_leaves(abstract_moe_params))
+  init = dict(trees.array_leaves(init_params)) if init_params is not None else {}
   if not any("moe" in p for p in want):
     raise ConfigError("train.upcycle=True but the model has no MoE block (set moe.enabled=True)")
   if any("moe" in p for p in dense):
@@ -153,4 +138,4 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
            "model.attention_bias=False)" if p[-1].startswith("b_") and "mlp" in p else "")
     raise ConfigError(f"upcycle: dense param {_name(p)} (shape {tuple(np.shape(dense[p]))}) has "
                       f"no place in the MoE model{why}")
-  return _unflatten(out)
+  return trees.unflatten(out)

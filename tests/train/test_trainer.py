@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import read_metrics
+from moe import trees
 from moe.train import checkpoint as ckpt_lib
 from moe.train import trainer as train
 from moe.train import step as step_lib
@@ -164,8 +165,8 @@ def _saved_optimizer_counts(directory, step) -> dict[str, np.ndarray]:
       item={"opt_state": meta}, restore_args={"opt_state": as_numpy},
       partial_restore=True))["opt_state"]
   named = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-  return {"opt_state/" + "/".join(ckpt_lib.key_names(p)): x for p, x in named
-          if ckpt_lib.key_names(p)[-1] == "count"}
+  return {"opt_state/" + "/".join(trees.key_names(p)): x for p, x in named
+          if trees.key_names(p)[-1] == "count"}
 
 
 def test_divergence_is_a_status_not_a_crash(tiny_config, tmp_path):

@@ -20,9 +20,9 @@ top_p -> 0 is greedy). Token i is drawn with `fold_in(PRNGKey(seed), i)`: the sa
 same completion. Generation stops at `max_new_tokens`, at EOS, or at the first stop string (the
 text is cut before it).
 
-Routing (`show_routing`): the routing of every MoE layer is captured without changing the layer:
-an `nn.intercept_methods` interceptor sows the `Routing` the layer hands to its `Experts` module
-(expert_index, combine_weights, slot) into `intermediates`. For each generated token the chosen
+Routing (`show_routing`): every MoE layer sows its routing (expert_index, combine_weights, slot;
+`moe.layer.sown.ROUTING`) into `intermediates`; prefill and steps make that collection mutable,
+and so collect it, only when the routing is shown. For each generated token the chosen
 experts and weights of every MoE layer are printed, and `moe.inference.routing_view` writes
 `workdir/routing_map.html`, `routing_map.png` and `routing_load.json` (prompt and completion
 tokens coloured by their top-1 expert per layer, plus each expert's share of the assignments).
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.errors import ConfigError
+from moe.layer import sown
 from moe.model.config import model_config_from, validate_model_groups
 from moe.rundir import HF_TOKENIZER_DIR
 
@@ -109,46 +110,14 @@ def sample_token(logits_V, key, temperature, top_p):
 # ----------------------------------------------------------------------------- routing capture
 
 
-def _capture_routing(next_fun, args, kwargs, context):
-  """Interceptor: sow the Routing an MoE layer passes to its Experts module."""
-  from moe.layer import modules as layers
-  if isinstance(context.module, layers.Experts) and context.method_name == "__call__":
-    r = args[1]
-    context.module.sow("intermediates", "routing", {
-        "expert_index": r.expert_index, "combine_weights": r.combine_weights, "slot": r.slot})
-  return next_fun(*args, **kwargs)
-
-
 def routing_per_layer(intermediates, num_tokens: int) -> list[tuple[str, dict]]:
-  """[(layer name, {expert_index, combine_weights, slot: [num_tokens, K] numpy})] in block order.
-
-  Scanned stacks (a leading layer axis) are split into layers; the group axis is flattened and
-  the group padding cut off (the first num_tokens rows are the B*L tokens, batch-major)."""
-  found = []
-
-  def walk(node, path):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        if k == "routing" and isinstance(v, (tuple, list)):
-          found.append((path, v[0]))
-        else:
-          walk(v, path + [str(k)])
-
-  walk(jax.device_get(dict(intermediates)), [])
-  import re
-  natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # noqa: E731
-  found.sort(key=lambda pd: natural("/".join(pd[0])))
-  out = []
-  for path, d in found:
-    arrays = {k: np.asarray(v) for k, v in d.items()}
-    stacked = arrays["expert_index"].ndim == 4  # [layers, G, T, K]
-    block = next((p for p in path if p.startswith("block")), "layer")
-    for j in range(arrays["expert_index"].shape[0] if stacked else 1):
-      one = {k: (v[j] if stacked else v) for k, v in arrays.items()}
-      one = {k: v.reshape(-1, v.shape[-1])[:num_tokens] for k, v in one.items()}
-      name = f"layer_{j}" if stacked else (block.replace("block_", "layer_"))
-      out.append((name, one))
-  return out
+  """[(layer name, {expert_index, combine_weights, slot: [num_tokens, K] numpy})] in block order,
+  from the routing every MoE layer sows (`moe.layer.sown.per_layer`; scanned stacks split into
+  layers). The group axis is flattened and the group padding cut off (the first num_tokens rows
+  are the B*L tokens, batch-major)."""
+  layers = sown.per_layer(jax.device_get(intermediates), sown.ROUTING)
+  return [(name, {k: np.asarray(v).reshape(-1, np.shape(v)[-1])[:num_tokens]
+                  for k, v in d.items()}) for name, d in layers.items()]
 
 
 # ----------------------------------------------------------------------------- session
@@ -181,13 +150,8 @@ class Generator:
       mutable = ["cache", "intermediates"] if capture else ["cache"]
 
       def apply(variables, cache, tokens_BL):
-        def run():
-          return model.apply({**variables, "cache": cache}, tokens_BL, decode=True,
-                             train=False, mutable=mutable)
-        if capture:
-          with nn.intercept_methods(_capture_routing):
-            return run()
-        return run()
+        return model.apply({**variables, "cache": cache}, tokens_BL, decode=True, train=False,
+                           mutable=mutable)
 
       def prefill(variables, cache, tokens_1P, key, temperature, top_p):
         logits, mut = apply(variables, cache, tokens_1P)

@@ -15,9 +15,11 @@
    train or eval capacity factor.
 4. Runs the routed experts through `moe.layer.dispatch.apply_experts` with the configured strategy,
    adds the shared experts (always on), and returns y in `dtype`.
-5. Sows one dict under `intermediates/moe` (Flax's `sow` appends, so the leaf is a 1-tuple
-   holding the dict): aux_loss, load_balance_loss, z_loss, load, max_over_mean_load,
-   dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, bias_norm.
+5. Sows two dicts into `intermediates` (`moe.layer.sown`, which also reads them back per
+   layer): `moe` (aux_loss, load_balance_loss, z_loss, load, max_over_mean_load,
+   dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, bias_norm) and
+   `routing` (expert_index, combine_weights, slot [G, T, K]). Flax's `sow` appends, so each
+   leaf is a 1-tuple holding the dict; nothing is collected unless `intermediates` is mutable.
 6. With `bias_balancing`, owns `moe_bias/bias` [E] f32 (zeros at init). When `train=True`, the
    collection is mutable and the module is not initializing, it writes
    `b + bias_rate * sign(mean(load) - load)` computed from this batch's load; the bias used for
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from moe.layer import dispatch
 from moe.layer import expert_parallel
 from moe.layer import routing as routing_lib
+from moe.layer import sown
 from moe.layer.config import MoeConfig, validate_moe
 
 
@@ -230,11 +233,12 @@ class MoeLayer(nn.Module):
       bias_norm = jnp.linalg.norm(bias_var.value)
       if train and not self.is_initializing() and self.is_mutable_collection("moe_bias"):
         bias_var.value = routing_lib.update_bias(bias_var.value, stats["load"], cfg.bias_rate)
-    self.sow("intermediates", "moe", {
+    self.sow("intermediates", sown.STATS, {
         "aux_loss": cfg.load_balance_weight * lb + cfg.z_loss_weight * z,
         "load_balance_loss": lb,
         "z_loss": z,
         **stats,
         "bias_norm": bias_norm,
     })
+    self.sow("intermediates", sown.ROUTING, {k: getattr(routing, k) for k in sown.ROUTING_KEYS})
     return y_BLD.astype(self.dtype)

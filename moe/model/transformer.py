@@ -8,7 +8,8 @@
   segments and never looks at padding; MoE layers get `padding_mask = segment_ids != 0`.
 - Logits are float32 [B, L, V]; compute runs in `config.dtype`, parameters are float32.
 - Collections: `params`; `moe_bias` (the MoE balancing bias, when MoE layers exist);
-  `intermediates` (each MoE layer sows its metrics dict under `.../moe/moe`; mutable to read them);
+  `intermediates` (each MoE layer sows its metrics under `.../moe/moe` and its routing under
+  `.../moe/routing`; mutable to read them, `moe.layer.sown.per_layer` to split them per layer);
   `cache` (decode=True).
 
 Parameter layout: `embedding_table` [V, D], `pos_embedding` [max_len, D] (learned positions),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from moe import trees
+from moe.layer import sown
 
 TRAINABLE = ("all", "non_moe", "moe", "router_frozen")
 MOE_KEYS = ("load_balance_loss", "z_loss", "aux_loss")
@@ -111,48 +112,10 @@ def make_optimizer(tc, params) -> tuple[optax.GradientTransformation, Any, Calla
 # ----------------------------------------------------------------------------- MoE metrics
 
 
-def _natural(s: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
 def moe_layer_stats(intermediates) -> list[tuple[str, dict]]:
-  """The metrics dicts sown by MoE layers (name `moe`), one per layer, in block order.
-
-  Searches the whole `intermediates` tree; a scanned stack (leaves with a leading layer axis) is
-  split into its layers. Returns [(layer name, {metric: array})], the name being `layer_<i>` with
-  i the block index when the path names it (`block_3/moe/moe` -> layer_3), else the position.
-  """
-  found = []
-
-  def walk(node, path):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        if k == "moe" and isinstance(v, (tuple, list)) and v and all(
-            isinstance(d, dict) and "aux_loss" in d for d in v):
-          for n, d in enumerate(v):
-            found.append((path + [k, str(n)], d))
-        else:
-          walk(v, path + [str(k)])
-
-  walk(dict(intermediates), [])
-
-  def block_of(path):  # `block_3` -> 3: the model's block index, when the path names one
-    return next((int(m.group(1)) for p in path if (m := re.fullmatch(r"\w*?_(\d+)", p))), None)
-
-  found.sort(key=lambda pd: (block_of(pd[0]) is None, block_of(pd[0]) or 0,
-                             _natural("/".join(pd[0]))))
-  layers = []
-  for path, d in found:
-    stacked = jnp.ndim(d["aux_loss"]) == 1  # nn.scan: [num_layers, ...]
-    block = block_of(path)
-    for j in range(d["aux_loss"].shape[0] if stacked else 1):
-      one = {k: (v[j] if stacked else v) for k, v in d.items()}
-      index = j if stacked else (block if block is not None else len(layers))
-      layers.append((f"layer_{index}", one))
-  names = [n for n, _ in layers]
-  if len(set(names)) != len(names):  # e.g. several stacks: fall back to positions
-    layers = [(f"layer_{i}", d) for i, (_, d) in enumerate(layers)]
-  return layers
+  """[(layer name, {metric: array})]: the metrics every MoE layer sows, one per layer in block
+  order (`moe.layer.sown.per_layer`: a scanned stack is split into its layers)."""
+  return list(sown.per_layer(intermediates, sown.STATS).items())
 
 
 # ----------------------------------------------------------------------------- loss

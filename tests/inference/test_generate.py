@@ -114,8 +114,7 @@ def test_routing_capture_matches_full_forward():
   gen = make_gen(tiny(True))
   c = gen.complete(PROMPT, max_new_tokens=6, temperature=0.0, capture_routing=True)
   seq = jnp.asarray([PROMPT + c.ids], jnp.int32)
-  with nn.intercept_methods(generate._capture_routing):
-    _, mut = gen.model.apply(gen.variables, seq, mutable=["intermediates"])
+  _, mut = gen.model.apply(gen.variables, seq, mutable=["intermediates"])
   ref = generate.routing_per_layer(mut["intermediates"], seq.shape[1])
   assert [n for n, _ in c.routing] == ["layer_0", "layer_1"]
   n = len(PROMPT) + len(c.ids)  # the last generated token is fed once more to see its routing

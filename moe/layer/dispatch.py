@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe.layer.activation import activate
 from moe.layer import grouped as dispatch_grouped
 from moe.layer import rows as dispatch_rows
 from moe.layer.config import DISPATCHES, EXPERT_MLPS
@@ -74,7 +75,7 @@ def expert_ffn(x, w_in_DF, w_gate_DF, w_out_FD, activation: str):
   [E, D, F] / [E, F, D] and x[..., E, R, D] it runs every expert on its rows (batched matmul)."""
   h_in = x @ w_in_DF
   h_gate = x @ w_gate_DF if activation == "swiglu" else None
-  return dispatch_grouped.activate(h_in, h_gate, activation) @ w_out_FD
+  return activate(h_in, h_gate, activation) @ w_out_FD
 
 
 def _check(x_GTD, routing: Routing, w_in, w_gate, w_out, activation):
@@ -161,7 +162,7 @@ def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
   h_in = jax.lax.ragged_dot(x_RD, w_in, counts)
   h_gate = jax.lax.ragged_dot(x_RD, w_gate, counts) if activation == "swiglu" else None
-  y_RD = jax.lax.ragged_dot(dispatch_grouped.activate(h_in, h_gate, activation), w_out, counts)
+  y_RD = jax.lax.ragged_dot(activate(h_in, h_gate, activation), w_out, counts)
   w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
   return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 

@@ -22,23 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def activate(h_in, h_gate, activation):
-  """The expert FFN's activation on the pre-activations x @ w_in and x @ w_gate:
-  silu(h_gate) * h_in (swiglu), or the tanh-approximate GELU of h_in (gelu; h_gate unused)."""
-  if activation == "swiglu":
-    return jax.nn.silu(h_gate) * h_in
-  return jax.nn.gelu(h_in, approximate=True)
-
-
-def _act_bwd(h_in, h_gate, da, activation):
-  """(d h_in, d h_gate) from d act."""
-  if activation == "swiglu":
-    s = jax.nn.sigmoid(h_gate)
-    silu = h_gate * s
-    return da * silu, da * h_in * (s * (1 + h_gate * (1 - s)))
-  _, vjp = jax.vjp(lambda h: jax.nn.gelu(h, approximate=True), h_in)
-  return vjp(da)[0], None
+from moe.layer.activation import activate, activate_bwd
 
 
 def _slice_rows(a, i, tile):
@@ -107,7 +91,7 @@ def _grouped_ffn_bwd(tile, activation, res, dy_RD):
     act = activate(h_in, h_gate, activation)
     dw_out = _add_expert(dw_out, jax.lax.dot_general(act, dy_t, dims_t), e)
     d_act = jax.lax.dot_general(dy_t, _expert(w_out, e), dims_wt)
-    d_in, d_gate = _act_bwd(h_in, h_gate, d_act, activation)
+    d_in, d_gate = activate_bwd(h_in, h_gate, d_act, activation)
     dw_in = _add_expert(dw_in, jax.lax.dot_general(x_t, d_in, dims_t), e)
     dx_t = jax.lax.dot_general(d_in, _expert(w_in, e), dims_wt)
     if gated:

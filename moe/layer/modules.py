@@ -26,7 +26,8 @@
    this batch's selection is the value before the update.
 
 Expert weights are SwiGLU `(silu(x W_gate) * x W_in) W_out` or GELU `gelu(x W_in) W_out`; the
-FFN itself (including which GELU) is `moe.layer.dispatch.expert_ffn`, used by routed and shared experts.
+FFN itself is `moe.layer.dispatch.expert_ffn`, used by routed and shared experts, and its
+activation (including which GELU) `moe.layer.activation.activate`, which the dense MLP uses too.
 
 On a device mesh (`jax.set_mesh` with the axes of `moe.sharding`, more than one device) the
 routing and the routed experts run expert-parallel through `moe.layer.expert_parallel`: each device

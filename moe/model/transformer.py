@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from moe.model.attention import Attention, kernel_init, project
 from moe.errors import ConfigError
 from moe.model.config import ModelConfig, validate_model
+from moe.layer.activation import activate
 from moe.layer.modules import MoeLayer
 
 
@@ -73,11 +74,6 @@ class Norm(nn.Module):
     return y.astype(jnp.dtype(cfg.dtype))
 
 
-def _activation(name: str, x):
-  # GELU uses the tanh approximation (GPT-2's).
-  return jax.nn.silu(x) if name == "swiglu" else jax.nn.gelu(x, approximate=True)
-
-
 class Mlp(nn.Module):
   """Dense FFN of width F = d_ff: SwiGLU `(silu(x W_gate) * x W_in) W_out` or GELU
   `gelu(x W_in) W_out`, with biases when `attention_bias`."""
@@ -101,11 +97,10 @@ class Mlp(nn.Module):
       return y
 
     h_BLF = dense("w_in", (D, F), ("embed", "mlp"), x_BLD)  # bld,df->blf
+    g_BLF = None
     if cfg.mlp_activation == "swiglu":
       g_BLF = dense("w_gate", (D, F), ("embed", "mlp"), x_BLD)  # bld,df->blf
-      h_BLF = _activation("swiglu", g_BLF) * h_BLF
-    else:
-      h_BLF = _activation("gelu", h_BLF)
+    h_BLF = activate(h_BLF, g_BLF, cfg.mlp_activation)  # the experts' activation (upcycling)
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "act_mlp"))
     return dense("w_out", (F, D), ("mlp", "embed"), h_BLF)  # blf,fd->bld
 

@@ -31,6 +31,7 @@ tokens coloured by their top-1 expert per layer, plus each expert's share of the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Any, Sequence
@@ -40,10 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe.data.tokenizers import ByteTokenizer
 from moe.errors import ConfigError
+from moe.inference import routing_view
 from moe.layer import sown
 from moe.model.config import model_config_from, validate_model_groups
+from moe.model.transformer import Transformer, init_cache
 from moe.rundir import HF_TOKENIZER_DIR
+from moe.train import checkpoint as ckpt_lib
 
 DEFAULTS = dict(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
 
@@ -55,12 +60,11 @@ class HfTokenizer:
   """A Hugging Face `tokenizer.json` (via the `tokenizers` library): encode/decode and ids."""
 
   def __init__(self, folder: str):
-    try:
+    try:  # optional dependency: only converted Hugging Face checkpoints need it
       from tokenizers import Tokenizer
     except ImportError:
       raise ConfigError(f"{folder} holds a Hugging Face tokenizer; reading it needs the "
                         "`tokenizers` package (pip install tokenizers)") from None
-    import json
     self._tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     meta_path = os.path.join(folder, "special_tokens.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
@@ -82,9 +86,10 @@ def load_tokenizer(cfg, workdir: str):
   if os.path.exists(os.path.join(hf, "tokenizer.json")):
     return HfTokenizer(hf)
   if cfg.data.tokenizer == "byte":
-    from moe.data.tokenizers import ByteTokenizer
     return ByteTokenizer()
-  from moe.data import pipeline as data_lib  # SentencePiece: trained once on the data, cached there
+  # SentencePiece: trained once on the data and cached there. Imported here for import time:
+  # the data pipeline brings in TensorFlow (TFDS), which a byte-level completion never needs.
+  from moe.data import pipeline as data_lib
   data_lib.validate_data(cfg.data)
   return data_lib.make_data(cfg, workdir=workdir).tokenizer
 
@@ -176,7 +181,6 @@ class Generator:
   def complete(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                capture_routing: bool = False) -> Completion:
-    from moe.model.transformer import init_cache
     S = self.cfg.max_len
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
@@ -242,8 +246,6 @@ class Generator:
 
 def load(cfg, workdir: str) -> Generator:
   """The newest checkpoint in `workdir` under `cfg`'s model: a ready Generator."""
-  from moe.train import checkpoint as ckpt_lib
-  from moe.model.transformer import Transformer
   try:
     ckpt_lib.resolve(workdir)
   except ConfigError:
@@ -293,7 +295,6 @@ def _one(gen: Generator, workdir: str, prompt: str, *, show_routing: bool, max_n
                    capture_routing=show_routing)
   print(prompt + c.text, file=out, flush=True)
   if show_routing and c.routing:
-    from moe.inference import routing_view
     P = len(c.prompt_ids)
     texts = [gen.tokenizer.decode([t]) for t in c.prompt_ids + c.ids]
     print(f"\nrouting of the {len(c.ids)} generated tokens (expert weight; eval capacity "

@@ -44,7 +44,7 @@ def expert_load(d: dict, num_experts: int) -> tuple[list, list]:
 
 
 def _colors(num_experts: int) -> list[str]:
-  import matplotlib
+  import matplotlib  # only when a picture is drawn (import time)
   cmap = matplotlib.colormaps["tab20" if num_experts > 10 else "tab10"]
   out = []
   for e in range(num_experts):
@@ -100,6 +100,8 @@ chosen experts and weights. Legend: {legend}</p>
 
 def write_png(path: str, texts: list[str], layers: list, num_experts: int,
               prompt_len: int) -> None:
+  # matplotlib only when a picture is drawn: import time, and the Agg backend is chosen here,
+  # not for whoever imports this module.
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

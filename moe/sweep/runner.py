@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 
+from moe import trees
 from moe.errors import ConfigError
 from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
                         read_json, write_json_atomic)
@@ -149,7 +150,6 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
 
 def _flat(d: dict) -> dict:
   """A config dict as {"a.b": value as JSON reads it back}, comparable with a config.json."""
-  from moe import trees  # imports jax, which this module leaves to the trainer
   out = {k: json.loads(json.dumps(v, default=repr)) for k, v in trees.flatten(d, sep=".").items()}
   out.pop("data.tfds_data_dir", None)  # depends on where the workdir is mounted
   return out

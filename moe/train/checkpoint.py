@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -298,6 +299,5 @@ class PreemptionGuard:
     """True once any process got SIGTERM (all processes agree, so they save together)."""
     if jax.process_count() == 1:
       return self._flag
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
     return bool(np.any(flags))

@@ -9,6 +9,7 @@ in the project, so every group words its errors alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 
 class ConfigError(ValueError):
@@ -64,3 +65,24 @@ def check_fields(group: str, given, cls) -> None:
   if unknown:
     raise ConfigError(f"{group}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 
+
+
+def once_per_config(check):
+  """Runs `check(*args, **kwargs)` once per distinct (hashable) arguments; later calls with the
+  same frozen config return at once. A failing check raises every time (nothing is cached), and
+  unhashable arguments are simply checked again. This lets a module guard the config it is given
+  at trace time without repeating the work the entry point already did."""
+  passed = set()
+
+  @functools.wraps(check)
+  def wrapper(*args, **kwargs):
+    try:
+      key = (args, tuple(sorted(kwargs.items())))
+      hash(key)
+    except TypeError:
+      return check(*args, **kwargs)
+    if key not in passed:
+      check(*args, **kwargs)
+      passed.add(key)
+
+  return wrapper

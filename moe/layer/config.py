@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from moe.errors import (ConfigError, check_choice, check_fields, check_int, check_number,
-                        check_positive)
+                        check_positive, once_per_config)
 
 ROUTERS = ("token_choice", "expert_choice")
 PRIORITIES = ("choice_major", "bpr")
@@ -57,8 +57,9 @@ def moe_config_from(moe_cfg) -> MoeConfig:
   return MoeConfig(**d)
 
 
+@once_per_config
 def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> None:
-  """Every check on one MoE layer's settings. Raises ConfigError (one line)."""
+  """Every check on one MoE layer's settings (once per config). Raises ConfigError (one line)."""
   for f in ("num_experts", "num_selected", "expert_hidden"):
     check_int(f"{prefix}.{f}", getattr(m, f), 1)
   if m.num_selected > m.num_experts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe.errors import ConfigError, check_choice, check_fields, check_int
+from moe.errors import ConfigError, check_choice, check_fields, check_int, once_per_config
 from moe.layer.config import DTYPES, EXPERT_MLPS, MoeConfig, moe_config_from, validate_moe
 
 
@@ -70,8 +70,11 @@ def validate_model_groups(cfg) -> None:
   validate_model(model_config_from(cfg, vocab_size=VOCAB_STAND_IN))
 
 
+@once_per_config
 def validate_model(mc: ModelConfig) -> None:
-  """Every check on the model's settings (and its MoE layer's). Raises ConfigError (one line)."""
+  """Every check on the model's settings and its MoE layer's, once per config (the trainer's
+  phase 1 checks it; the Transformer's trace-time guard then finds it done). Raises ConfigError
+  (one line)."""
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "max_len", "moe_interval"):
     check_int(f"model.{f}", getattr(mc, f), 1)

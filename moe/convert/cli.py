@@ -40,7 +40,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from moe.convert import layouts as convert_hf
+from moe.convert import layouts
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig, model_config_from, validate_model
@@ -129,9 +129,9 @@ def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 def architecture(hf: dict, where: str) -> str:
   mt = hf.get("model_type")
-  if mt in convert_hf.IMPORTERS:
+  if mt in layouts.IMPORTERS:
     return mt
-  supported = ", ".join(f"{k} ({v})" for k, v in convert_hf.SUPPORTED.items())
+  supported = ", ".join(f"{k} ({v})" for k, v in layouts.SUPPORTED.items())
   raise ConfigError(f"{where}: model_type={mt!r} (architectures={hf.get('architectures')}) is "
                     f"not supported; supported: {supported}")
 
@@ -196,8 +196,8 @@ def from_hf(folder: str, workdir: str) -> dict:
   """Imports a HF folder into `workdir`; returns the config.json written."""
   hf, tensors = read_hf_folder(folder)
   arch = architecture(hf, f"--from_hf={folder}")
-  t = convert_hf.Tensors(tensors, f"--from_hf={folder} ({arch})")
-  model, moe, params = convert_hf.IMPORTERS[arch](hf, t)
+  t = layouts.Tensors(tensors, f"--from_hf={folder} ({arch})")
+  model, moe, params = layouts.IMPORTERS[arch](hf, t)
   left = t.unused()
   if left:
     raise ConfigError(f"--from_hf={folder}: {len(left)} tensor(s) have no place in the "
@@ -275,7 +275,7 @@ def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
   else:
     block = lambda i: params[f"block_{i}"]  # noqa: E731
   top = {k: v for k, v in params.items() if not k.startswith("block")}
-  config, tensors = convert_hf.params_to_mixtral(model, moe, block, top)
+  config, tensors = layouts.params_to_mixtral(model, moe, block, top)
   config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
   source = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(source):

@@ -2,7 +2,7 @@
 
 Supported: GPT-2 (`gpt2`, GPT2LMHeadModel; import) and Mixtral (`mixtral`, MixtralForCausalLM;
 import and export). Each importer returns (model fields, moe fields or None, params tree) where
-the params tree uses this project's names (see moe/model.py):
+the params tree uses this project's names (see moe/model/transformer.py):
 
   embedding_table [V, D]; pos_embedding [max_len, D] (learned positions); final_norm/{scale,bias};
   output_kernel [D, V] (untied); block_<i>/{attn_norm, mlp_norm}/{scale, bias};

@@ -39,7 +39,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from moe.data import sources as datasets
+from moe.data import sources
 from moe.data import packing
 from moe.data import tokenizers
 from moe.errors import ConfigError, check_choice, check_int, check_number
@@ -59,7 +59,7 @@ def validate_data(d) -> None:
   is prepared. It reads nothing else: `data.seq_len <= model.max_len` and the split of
   `train.batch_size` over processes are checked by `moe.train.checks.validate_config`."""
   if not isinstance(d.name, str) or not d.name:
-    raise ConfigError(f"data.name={d.name!r} must be one of {', '.join(datasets.BUILTIN)} or a "
+    raise ConfigError(f"data.name={d.name!r} must be one of {', '.join(sources.BUILTIN)} or a "
                       "TFDS text dataset name")
   check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
   if d.tokenizer == "sentencepiece":
@@ -73,7 +73,7 @@ def validate_data(d) -> None:
 # ----------------------------------------------------------------------------- preparation
 
 
-def _make_tokenizer(d, source: datasets.TextSource, data_dir: str):
+def _make_tokenizer(d, source: sources.TextSource, data_dir: str):
   if d.tokenizer == "byte":
     return tokenizers.ByteTokenizer(), "byte"
   path = os.path.join(data_dir, "moe_tokenizers", f"{source.key}-sp{d.sp_vocab_size}.model")
@@ -115,7 +115,7 @@ def _pack_splits(source, tok, tok_key: str, seq_len: int, data_dir: str) -> tupl
     os.makedirs(tmp)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     info = {}
-    for split in datasets.SPLITS:
+    for split in sources.SPLITS:
       rows, segs = packing.pack_documents(_documents(tok, source.documents(split)), seq_len + 1,
                                           dtype)
       np.save(os.path.join(tmp, f"{split}_tokens.npy"), rows)
@@ -280,7 +280,7 @@ def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int =
   data_dir = os.path.abspath(d.tfds_data_dir or default_data_dir(workdir))
   os.makedirs(data_dir, exist_ok=True)
   start = time.perf_counter()
-  source = datasets.load_source(d.name, text_dir=d.text_dir,
+  source = sources.load_source(d.name, text_dir=d.text_dir,
                                 validation_fraction=float(d.validation_fraction),
                                 data_dir=data_dir)
   tok, tok_key = _make_tokenizer(d, source, data_dir)

@@ -4,7 +4,8 @@ implementations (docs/semantics.md, "Dispatch strategies").
     y[g, t] = sum_k [slot[g,t,k] >= 0] * combine_weights[g,t,k] * FFN_{expert_index[g,t,k]}(x[g,t])
 
 with FFN = (silu(x @ w_gate) * (x @ w_in)) @ w_out (swiglu) or gelu(x @ w_in) @ w_out (gelu, the
-tanh approximation, as in the dense MLP of moe/model.py and GPT-2, so upcycling is exact).
+tanh approximation, as in GPT-2). The dense MLP of moe/model/transformer.py calls the same
+`moe.layer.activation`, so upcycling is exact.
 An assignment with slot < 0 (dropped, or a padding token) contributes exactly zero, whatever its
 combine weight. Matmuls run in x's dtype (weights are cast); the sum over the K choices is
 accumulated in float32; the result has x's dtype. Every strategy is differentiable in x, the
@@ -16,7 +17,7 @@ Strategies:
   gather     rows ordered (expert, group, slot) in an [E, G*C, D] buffer filled by a gather,
              batched matmul over E, gathered back. Capacity only.
   grouped    rows sorted by expert, each expert's run padded to a tile; a loop over the used
-             tiles runs each tile's expert FFN (dispatch_grouped.py). Dropless and capacity.
+             tiles runs each tile's expert FFN (grouped.py). Dropless and capacity.
   ragged     rows sorted by expert, `jax.lax.ragged_dot` with per-expert group sizes (the XLA
              grouped matmul; megablox-like kernels on TPU/GPU). Dropless and capacity.
 
@@ -32,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from moe.layer.activation import activate
-from moe.layer import grouped as dispatch_grouped
-from moe.layer import rows as dispatch_rows
+from moe.layer import grouped
+from moe.layer import rows
 from moe.layer.config import DISPATCHES, EXPERT_MLPS
 from moe.errors import ConfigError, check_choice
 from moe.layer.routing import Routing
@@ -131,11 +132,11 @@ def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
   G, T, D = x_GTD.shape
   E = w_in.shape[0]
   C = routing.capacity
-  layout = dispatch_rows.capacity_layout(routing.expert_index, routing.slot, E, C)
-  x_ERD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout).reshape(E, G * C, D)
+  layout = rows.capacity_layout(routing.expert_index, routing.slot, E, C)
+  x_ERD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout).reshape(E, G * C, D)
   y_ERD = expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
   w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
-  return dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
+  return rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
 
 
 def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation):
@@ -145,26 +146,26 @@ def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation):
   # Valid assignments per expert: A / E on average, at most G*C with a capacity (expert choice
   # routing has K = E, so A / E would overstate it).
   rows_per_expert = A / E if routing.capacity is None else min(A / E, G * routing.capacity)
-  tile = dispatch_grouped.choose_tile(int(rows_per_expert * E), E)
-  layout, tile_expert, num_tiles = dispatch_rows.tiled_layout(
+  tile = grouped.choose_tile(int(rows_per_expert * E), E)
+  layout, tile_expert, num_tiles = rows.tiled_layout(
       routing.expert_index, routing.slot, E, tile)
-  x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
-  y_RD = dispatch_grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
+  x_RD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
+  y_RD = grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
                                       tile=tile, activation=activation)
   w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
-  return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
+  return rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 
 def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   G, T, D = x_GTD.shape
   E = w_in.shape[0]
-  layout, counts = dispatch_rows.packed_layout(routing.expert_index, routing.slot, E)
-  x_RD = dispatch_rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
+  layout, counts = rows.packed_layout(routing.expert_index, routing.slot, E)
+  x_RD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
   h_in = jax.lax.ragged_dot(x_RD, w_in, counts)
   h_gate = jax.lax.ragged_dot(x_RD, w_gate, counts) if activation == "swiglu" else None
   y_RD = jax.lax.ragged_dot(activate(h_in, h_gate, activation), w_out, counts)
   w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
-  return dispatch_rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
+  return rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 
 _IMPLS = {"reference": _reference, "einsum": _einsum, "gather": _gather, "grouped": _grouped,

@@ -22,7 +22,7 @@ with the ordinary one-device code, which XLA turns into all-reduces: they are ov
 batch, equal to the one-device values.
 
 The experts (`apply_experts`), inside one shard_map, per device:
-  1. its assignments into its own capacity buffer [E, G_l*C, D] (`dispatch_rows.capacity_layout`,
+  1. its assignments into its own capacity buffer [E, G_l*C, D] (`rows.capacity_layout`,
      rows ordered (expert, group, slot));
   2. `all_to_all` over `expert`: [E, G_l*C, D] -> [E_l, X*G_l*C, D] (its experts' rows from the
      X devices that share its data/fsdp coordinates);
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe.layer import dispatch
-from moe.layer import rows as dispatch_rows
+from moe.layer import rows
 from moe.layer import routing as routing_lib
 from moe import sharding
 from moe.errors import ConfigError
@@ -150,8 +150,8 @@ class ExpertParallel:
     def local(x, expert_index, slot, weights, w_in, w_gate, w_out):
       G, T, D = x.shape
       C = T if capacity is None else capacity
-      lay = dispatch_rows.capacity_layout(expert_index, slot, E, C)
-      x_ERD = dispatch_rows.dispatch_rows(x.reshape(G * T, D), lay).reshape(E, G * C, D)
+      lay = rows.capacity_layout(expert_index, slot, E, C)
+      x_ERD = rows.dispatch_rows(x.reshape(G * T, D), lay).reshape(E, G * C, D)
       if expert_axis is not None:
         x_ERD = jax.lax.all_to_all(x_ERD, expert_axis, 0, 1, tiled=True)  # [E_l, X*G*C, D]
       w_in, w_out = w_in.astype(dtype), w_out.astype(dtype)
@@ -169,7 +169,7 @@ class ExpertParallel:
       if expert_axis is not None:
         y_ERD = jax.lax.all_to_all(y_ERD, expert_axis, 1, 0, tiled=True)  # [E, G*C, D]
       w_NK = dispatch.masked_weights(weights, slot).reshape(G * T, -1)
-      y_ND = dispatch_rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, lay)
+      y_ND = rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, lay)
       return y_ND.reshape(G, T, D).astype(dtype)
 
     w_gate = w_gate_EDF_or_None if gated else jnp.zeros((), w_in_EDF.dtype)

@@ -1,6 +1,6 @@
 """Grouped expert FFN over an expert-sorted, tile-padded row buffer (the `grouped` strategy).
 
-The buffer (see `dispatch_rows.tiled_layout`) holds each expert's rows contiguously, every run
+The buffer (see `rows.tiled_layout`) holds each expert's rows contiguously, every run
 padded to a multiple of `tile` rows, so each tile belongs to exactly one expert. A `while_loop`
 visits only the tiles in use (a dynamic count) and runs the whole expert FFN on each tile with
 that expert's weights, sliced in place. Cost is the active FLOPs plus at most one partial tile

@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe.layer import rows as dispatch_rows
+from moe.layer import rows
 
 TOKEN_CHOICE = "token_choice"
 EXPERT_CHOICE = "expert_choice"
@@ -120,7 +120,7 @@ def _buffer_positions(expert_TK, valid_TK, order_T, num_experts):
   """
   t, k = expert_TK.shape
   e_KT = jnp.where(valid_TK, expert_TK, num_experts)[order_T].T  # priority order
-  perm, pos_sorted, _, _ = dispatch_rows.sort_by_key(e_KT.reshape(-1), num_experts)
+  perm, pos_sorted, _, _ = rows.sort_by_key(e_KT.reshape(-1), num_experts)
   pos_seq = jnp.zeros((t * k,), jnp.int32).at[perm].set(pos_sorted)
   pos_TK = jnp.zeros((t, k), jnp.int32).at[order_T].set(pos_seq.reshape(k, t).T)
   return pos_TK

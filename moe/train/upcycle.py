@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from moe import trees
-from moe.layer import modules as layers
+from moe.layer import modules
 from moe.errors import ConfigError
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
@@ -49,10 +49,10 @@ def fresh_init(shape, key) -> np.ndarray:
   """The MoE layer's initializer (truncated Lecun-normal over the fan-in axis -2), float32.
 
   Leading axes (a scanned stack's layer axis) are batch axes: each [D, X] slice gets the
-  variance the unscanned layer's param gets, not one shrunk by the number of layers.
+  variance the unscanned layer's param gets, not one shrunk by the number of modules.
   """
   lead = tuple(range(len(shape) - 2))
-  return np.asarray(layers._init(len(shape) - 2, lead)(key, tuple(shape), np.float32))
+  return np.asarray(modules._init(len(shape) - 2, lead)(key, tuple(shape), np.float32))
 
 
 def _source_of(path: tuple[str, ...]):

@@ -11,7 +11,7 @@ import pytest
 from configs.default import get_config
 from conftest import one_line_error
 from moe.data import pipeline as data_lib
-from moe.data import sources as datasets
+from moe.data import sources
 from moe.data import packing
 from moe.data import tokenizers
 
@@ -44,7 +44,7 @@ def _write_textdir(root, fraction=0.3, seed=0):
     os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
     with open(os.path.join(root, rel), "w", encoding="utf-8") as f:
       f.write(text)
-    split["validation" if datasets.is_validation(rel, fraction) else "train"].append(rel)
+    split["validation" if sources.is_validation(rel, fraction) else "train"].append(rel)
     i += 1
   with open(os.path.join(root, "binary.bin"), "wb") as f:  # not UTF-8: skipped
     f.write(b"\xff\xfe\x00\x01")
@@ -79,15 +79,15 @@ def _text_cfg(data_dir, textdir, **kw):
 
 
 def test_stdlib_splits_are_stable_disjoint_and_complete():
-  root = datasets.stdlib_root()
+  root = sources.stdlib_root()
   for kind in ("pystdlib", "pystdlib_test"):
-    a, stats = datasets.split_files(root, kind, 0.05)
-    b, _ = datasets.split_files(root, kind, 0.05)
+    a, stats = sources.split_files(root, kind, 0.05)
+    b, _ = sources.split_files(root, kind, 0.05)
     assert a == b
     train, val = set(a["train"]), set(a["validation"])
     assert train and val and not train & val
-    listed = {rel for rel, _, _ in datasets.list_files(root, kind)}
-    assert train | val == listed - {r for r in listed if datasets.read_text(root, r) is None}
+    listed = {rel for rel, _, _ in sources.list_files(root, kind)}
+    assert train | val == listed - {r for r in listed if sources.read_text(root, r) is None}
     assert len(listed) - len(train | val) == stats["skipped_not_utf8"]
     assert all(r.endswith(".py") for r in listed)
     assert not any("site-packages" in r or "dist-packages" in r for r in listed)
@@ -99,17 +99,17 @@ def test_stdlib_splits_are_stable_disjoint_and_complete():
       assert all(r.startswith("test/") for r in listed)
       assert not pretrain & listed
   # A larger fraction only moves files into validation.
-  small, _ = datasets.split_files(root, "pystdlib", 0.05)
-  large, _ = datasets.split_files(root, "pystdlib", 0.2)
+  small, _ = sources.split_files(root, "pystdlib", 0.05)
+  large, _ = sources.split_files(root, "pystdlib", 0.2)
   assert set(small["validation"]) < set(large["validation"])
 
 
 def test_split_rule_is_a_path_hash():
   paths = [f"dir{i % 7}/f{i}.py" for i in range(4000)]
-  val = [p for p in paths if datasets.is_validation(p, 0.1)]
+  val = [p for p in paths if sources.is_validation(p, 0.1)]
   assert 300 < len(val) < 500  # ~10%
-  assert val == [p for p in paths if datasets.is_validation(p, 0.1)]
-  assert set(val) <= {p for p in paths if datasets.is_validation(p, 0.3)}
+  assert val == [p for p in paths if sources.is_validation(p, 0.1)]
+  assert set(val) <= {p for p in paths if sources.is_validation(p, 0.3)}
 
 
 def test_stdlib_builder_prepares_offline_and_matches_the_split(stdlib_data, data_dir):
@@ -123,7 +123,7 @@ def test_stdlib_builder_prepares_offline_and_matches_the_split(stdlib_data, data
   # The prepared records are exactly the files of each split.
   import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(info["tfds_dir"])
-  splits, _ = datasets.split_files(datasets.stdlib_root(), "pystdlib", 0.05)
+  splits, _ = sources.split_files(sources.stdlib_root(), "pystdlib", 0.05)
   for split in ("train", "validation"):
     src = builder.as_data_source(split=split)
     paths = sorted(src[i]["path"].decode() for i in range(len(src)))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moe.layer import dispatch
-from moe.layer import grouped as dispatch_grouped
-from moe.layer import rows as dispatch_rows
+from moe.layer import grouped
+from moe.layer import rows
 from moe.layer import routing as routing_lib
 from moe.errors import ConfigError
 from moe.layer.routing import Routing
@@ -186,9 +186,9 @@ def test_grouped_ffn_any_tile_matches_per_row_ffn(tile):
   """The tile loop on its own: each row gets its tile's expert's FFN; the gradients too."""
   routing = make_routing(jax.random.PRNGKey(11), capacity=None)
   x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(12), "swiglu")
-  layout, tile_expert, num_tiles = dispatch_rows.tiled_layout(
+  layout, tile_expert, num_tiles = rows.tiled_layout(
       routing.expert_index, routing.slot, E, tile)
-  x_RD = dispatch_rows.dispatch_rows(x.reshape(G * T, D), layout)
+  x_RD = rows.dispatch_rows(x.reshape(G * T, D), layout)
   R = layout.num_rows
   row_expert = np.repeat(np.asarray(tile_expert), tile)
   used = np.arange(R) < int(num_tiles) * tile
@@ -202,7 +202,7 @@ def test_grouped_ffn_any_tile_matches_per_row_ffn(tile):
   assert int(num_tiles) <= -(-placed.sum() // tile) + E
 
   def by_tiles(x_RD, w_in, w_gate, w_out):
-    return dispatch_grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
+    return grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
                                         tile=tile, activation="swiglu")
 
   def by_rows(x_RD, w_in, w_gate, w_out):

@@ -1,1 +1,2 @@
-"""Hugging Face conversion: per-architecture parameter layouts and the `python -m moe.convert` CLI."""
+"""Hugging Face conversion: parameter layouts per architecture, and the `python -m moe.convert`
+command line."""

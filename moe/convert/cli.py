@@ -17,8 +17,8 @@ writes into WORKDIR:
 - `hf_tokenizer/`: the folder's `tokenizer.json` and its special token ids when present, which
   `moe.inference.generate` then uses instead of the data config's tokenizer.
 
-Supported architectures: see `moe.convert.layouts.SUPPORTED`; anything else is a one-line error naming
-`model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
+Supported architectures: see `moe.convert.layouts.SUPPORTED`; anything else is a one-line error
+naming `model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
 `transformers.MixtralForCausalLM.from_pretrained` loads (Mixtral routes dropless with renormalized
 top-K: a model trained with a capacity factor computes the same except where it dropped tokens).
 """

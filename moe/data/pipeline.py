@@ -1,14 +1,14 @@
 """The data pipeline: `make_data(cfg, workdir=...) -> Data`.
 
-1. `moe.data.sources` prepares the text dataset `data.name` with TFDS (array_record) in the data dir:
-   `data.tfds_data_dir`, or by default `<workdir>/../.tfds`, a folder beside the run folders so
+1. `moe.data.sources` prepares the text dataset `data.name` with TFDS (array_record) in the data
+   dir: `data.tfds_data_dir`, or by default `<workdir>/../.tfds`, a folder beside the run folders so
    every run of a project (and every seed of a sweep) shares one prepared copy.
 2. The tokenizer: bytes (`data.tokenizer="byte"`, vocab 259), or SentencePiece
    (`"sentencepiece"`, `data.sp_vocab_size`), trained once on (a bounded sample of) the training
    split and cached in `<data dir>/moe_tokenizers/`.
 3. Every split is tokenized and packed once into rows of `data.seq_len + 1` tokens
-   (`moe.data.packing`), stored as .npy files in `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/`
-   and memory-mapped. Packing does not depend on the seed, so runs share it.
+   (`moe.data.packing`), stored as .npy files in
+   `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/` and memory-mapped. Packing does not depend on the seed, so runs share it.
 4. Training reads those rows through grain: shuffled with `train.seed` (a new permutation every
    epoch), repeated forever, each global batch of `train.batch_size` consecutive rows of that
    stream; process p of P takes rows [p*b, (p+1)*b) of every global batch (b = batch_size / P), so

@@ -1,1 +1,2 @@
-"""Inference: autocompletion with the KV cache, and the picture of which experts each token chose."""
+"""Inference: autocompletion with the KV cache, and the picture of which experts each token
+chose."""

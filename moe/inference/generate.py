@@ -10,8 +10,8 @@ prints the completion of `prompt`; `prompt=None` reads prompts from stdin, one p
 EOF. `main(flags.FLAGS)` (launch.py's call) reads all of that from the absl flags.
 
 Decoding: the prompt (BOS first) is prefilled in one call, then one token at a time under one
-jit'd step, both with the model's KV cache (`moe.model.transformer.init_cache`, collection `cache`) and
-`train=False`, so MoE layers route with `moe.eval_capacity_factor`. The cache holds
+jit'd step, both with the model's KV cache (`moe.model.transformer.init_cache`, collection
+`cache`) and `train=False`, so MoE layers route with `moe.eval_capacity_factor`. The cache holds
 `model.max_len` tokens (no rolling buffer): prompt + completion are kept within it (a longer
 prompt keeps its last tokens). Sampling: `temperature <= 0` is greedy (argmax); otherwise
 softmax(logits / temperature) restricted to the smallest set of most likely tokens whose

@@ -10,8 +10,8 @@
 - `routing_load.json`: {layer: {"load": [E fractions], "top1_load": [E fractions]}} for the text.
 
 `layers` is [(name, {"expert_index": [N, K], "combine_weights": [N, K], "slot": [N, K]})] as
-captured by `moe.inference.generate`; the top-1 expert of a token is its kept choice with the largest
-combine weight (-1 when every choice was dropped, drawn grey).
+captured by `moe.inference.generate`; the top-1 expert of a token is its kept choice with the
+largest combine weight (-1 when every choice was dropped, drawn grey).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-  """One MoE layer. Letters as in docs/semantics.md: E experts, K chosen per token, F expert width."""
+  """One MoE layer. Letters as in docs/semantics.md: E experts, K chosen per token, F expert
+  width."""
 
   num_experts: int = 8  # E
   num_selected: int = 2  # K

@@ -145,7 +145,7 @@ class SharedExperts(nn.Module):
     if self.expert_mlp == "swiglu":
       w_gate = _param(self, "w_gate", _init(0), ("embed", "mlp"), (d, sf)).astype(self.dtype)
     w_out = _param(self, "w_out", _init(0), ("mlp", "embed"), (sf, d))
-    # The routed experts' own FFN (moe.layer.dispatch), so shared and routed experts cannot disagree.
+    # The routed experts' own FFN (moe.layer.dispatch): shared and routed experts cannot disagree.
     y = dispatch.expert_ffn(x, w_in.astype(self.dtype), w_gate, w_out.astype(self.dtype),
                             self.expert_mlp)
     return y.astype(self.dtype)

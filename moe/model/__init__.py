@@ -1,1 +1,2 @@
-"""The decoder-only language model around the MoE layer: its config, attention and the Transformer."""
+"""The decoder-only language model around the MoE layer: its config, attention and the
+Transformer."""

@@ -19,7 +19,8 @@ subtree whose leaves carry a leading layer axis (logical name 'layers'); the `in
 (+ `bias` for LayerNorm), and `output_kernel` [D, V] unless embeddings are tied. Attention:
 `attn/{q,k,v,o}_kernel` [D, H, Dh], [D, N, Dh], [D, N, Dh], [H, Dh, D] (+ `_bias`). Dense MLP:
 `mlp/w_in` [D, F], `mlp/w_gate` [D, F] (SwiGLU only), `mlp/w_out` [F, D] (+ `b_in`, `b_gate`,
-`b_out`): the names of one expert's weights in `moe.layer.modules`, so upcycling copies them by name.
+`b_out`): the names of one expert's weights in `moe.layer.modules`, so upcycling copies them by
+name.
 
 Sharding: every parameter carries logical axis names and the main activations carry logical
 constraints; they take effect under `jax.set_mesh(mesh)` + `nn.logical_axis_rules(LOGICAL_RULES)`

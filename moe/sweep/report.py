@@ -251,7 +251,8 @@ def render_markdown(data: dict, generated: str) -> str:
     w("Extra evaluations of each finished checkpoint: "
       + "; ".join(f"`{e['name']}` = {describe_overrides(e['overrides'])}"
                   for e in sw["eval_overrides"])
-      + ("" if avail else " — NOT RUN: the trainer has no `moe.train.trainer.evaluate(cfg, workdir)`"))
+      + ("" if avail else
+         " — NOT RUN: the trainer has no `moe.train.trainer.evaluate(cfg, workdir)`"))
   w()
   if data["orderings"]:
     w("## Published orderings")

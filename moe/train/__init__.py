@@ -1,1 +1,2 @@
-"""Training: the trainer's phases, the jitted step, config checks, metrics, checkpoints, upcycling."""
+"""Training: the trainer's phases, the jitted step, config checks, metrics, checkpoints and
+upcycling."""

@@ -8,7 +8,8 @@
    split and cached in `<data dir>/moe_tokenizers/`.
 3. Every split is tokenized and packed once into rows of `data.seq_len + 1` tokens
    (`moe.data.packing`), stored as .npy files in
-   `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/` and memory-mapped. Packing does not depend on the seed, so runs share it.
+   `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/` and memory-mapped. Packing does not
+   depend on the seed, so runs share it.
 4. Training reads those rows through grain: shuffled with `train.seed` (a new permutation every
    epoch), repeated forever, each global batch of `train.batch_size` consecutive rows of that
    stream; process p of P takes rows [p*b, (p+1)*b) of every global batch (b = batch_size / P), so

@@ -49,7 +49,7 @@ def fresh_init(shape, key) -> np.ndarray:
   """The MoE layer's initializer (truncated Lecun-normal over the fan-in axis -2), float32.
 
   Leading axes (a scanned stack's layer axis) are batch axes: each [D, X] slice gets the
-  variance the unscanned layer's param gets, not one shrunk by the number of modules.
+  variance the unscanned layer's param gets, not one shrunk by the number of layers.
   """
   lead = tuple(range(len(shape) - 2))
   return np.asarray(modules._init(len(shape) - 2, lead)(key, tuple(shape), np.float32))

@@ -29,6 +29,7 @@ from etils import epath
 
 from moe import trees
 from moe.errors import ConfigError
+from moe.rundir import CHECKPOINTS_DIR
 
 STATE = "state"
 DATA = "data"
@@ -150,7 +151,7 @@ def resolve(path) -> tuple[str, int]:
   Raises ConfigError when there is no complete checkpoint there.
   """
   path = os.path.abspath(os.fspath(path))
-  candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
+  candidates = [(os.path.join(path, CHECKPOINTS_DIR), None), (path, None)]
   base, name = os.path.split(path.rstrip("/"))
   if name.isdigit():
     candidates.insert(0, (base, int(name)))

@@ -25,6 +25,7 @@ import jax
 from jax.sharding import NamedSharding
 
 from moe import sharding as sharding_lib
+from moe import trees
 from moe.data.pipeline import validate_data
 from moe.errors import ConfigError, check_choice, check_int, check_number
 from moe.model.config import validate_model_groups
@@ -144,6 +145,6 @@ def check_divisible(abstract_params, shardings, mesh) -> None:
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = "/".join(trees.key_names(path))
         raise ConfigError(f"param {name} dim {dim} cannot be split over mesh axes {axes} "
                           f"(size {size}); change cfg.mesh or the model size")

@@ -66,7 +66,6 @@ def check_fields(group: str, given, cls) -> None:
     raise ConfigError(f"{group}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
-
 def once_per_config(check):
   """Runs `check(*args, **kwargs)` once per distinct (hashable) arguments; later calls with the
   same frozen config return at once. A failing check raises every time (nothing is cached), and

@@ -14,8 +14,9 @@ r"""Train a config, run a sweep, or complete a prompt with a trained model.
 - A config with a top-level `sweep` group is a sweep (`moe.sweep.runner.run`); `--sweep_shard=i/n`
   runs the i-th of n round-robin slices, so n machines can share one sweep.
 - Several processes (multi-host): `--coordinator_address=host:port --num_processes=N
-  --process_id=i` on each, or nothing at all under a cluster JAX detects itself (SLURM,
-  Open MPI, multi-host TPU), which calls `jax.distributed.initialize()`.
+  --process_id=i` on each, or `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`,
+  or nothing at all under `srun`, `mpirun`, a TPU pod or TPU on GKE (`moe.distributed` says which
+  launcher it recognised and calls `jax.distributed.initialize` as that one needs).
 
 Exit codes: 0 finished (also after SIGTERM: the run saved a checkpoint and summary.json says
 "preempted"; run the same command again to resume); 2 a user error (one line on stderr,
@@ -166,27 +167,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize when flags or the cluster environment ask for processes."""
-  n, pid, addr = _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR.value
-  if n < 1 or not 0 <= pid < n:
-    raise UserError(f"--process_id={pid} must be in [0, --num_processes={n})")
-  if n > 1 or addr:
-    if not addr:
-      raise UserError("--num_processes > 1 needs --coordinator_address=host:port")
-    jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
-  elif cluster_launched():
-    jax.distributed.initialize()
-
-
-def cluster_launched() -> bool:
-  """Did a cluster launcher start several processes? (JAX then finds its peers by itself.)"""
-  env = os.environ
-  counts = [env.get("SLURM_NTASKS", ""), env.get("OMPI_COMM_WORLD_SIZE", "")]
-  if any(c.isdigit() and int(c) > 1 for c in counts):
-    return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
-    return True
-  return bool(env.get("JAX_COORDINATOR_ADDRESS"))
+  """`jax.distributed.initialize` as the flags or the cluster launcher need
+  (`moe.distributed`: flags, JAX_* variables, SLURM, Open MPI / MPI, TPU on GKE, Cloud TPU VMs)."""
+  from moe import distributed
+  distributed.initialize(coordinator_address=_COORDINATOR.value,
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 # ----------------------------------------------------------------------------- main

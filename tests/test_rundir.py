@@ -122,7 +122,7 @@ def test_failed_write_midway_leaves_no_partial_file(tmp_path, monkeypatch):
       self.f.flush()
       raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(rundir, "open", lambda p, mode="r": HalfWriter(open(p, mode)),
+  monkeypatch.setattr(rundir, "open", lambda p, mode="r", **kw: HalfWriter(open(p, mode, **kw)),
                       raising=False)
   with pytest.raises(OSError, match="No space left"):
     rundir.write_json_atomic(path, {"status": "completed", "eval_loss": 1.0})
@@ -197,9 +197,9 @@ def test_rewritten_metrics_keep_their_bytes(tmp_path):
   assert read_bytes(path) == b""
 
 
-def test_imports_only_the_standard_library():
+def test_imports_only_the_standard_library_and_epath():
   with open(rundir.__file__) as f:
     tree = ast.parse(f.read())
   names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-  assert {n.split(".")[0] for n in names} <= set(sys.stdlib_module_names), names
+  assert {n.split(".")[0] for n in names} - {"etils"} <= set(sys.stdlib_module_names), names

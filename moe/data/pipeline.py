@@ -40,6 +40,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from moe import rundir
 from moe.data import sources
 from moe.data import packing
 from moe.data import tokenizers
@@ -52,7 +53,9 @@ EVAL_SEED = 0  # the validation rows are the same for every train.seed
 
 
 def default_data_dir(workdir: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(workdir)), ".tfds")
+  """`<workdir>/../.tfds`; for a remote workdir (`gs://...`) a local cache folder instead
+  (`moe.rundir.cache_dir`): the prepared rows are memory-mapped."""
+  return rundir.cache_dir(workdir, ".tfds")
 
 
 def validate_data(d) -> None:
@@ -278,7 +281,10 @@ def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int =
   `train.batch_size` a multiple of `process_count`; errors found only while preparing (an
   unknown dataset, an empty split) are one-line ConfigErrors too."""
   d, t = cfg.data, cfg.train
-  data_dir = os.path.abspath(d.tfds_data_dir or default_data_dir(workdir))
+  data_dir = rundir.absolute(d.tfds_data_dir or default_data_dir(workdir))
+  if rundir.is_remote(data_dir):
+    raise ConfigError(f"data.tfds_data_dir={data_dir!r} must be a local folder (the prepared "
+                      "rows are memory-mapped); leave it empty for a local cache")
   os.makedirs(data_dir, exist_ok=True)
   start = time.perf_counter()
   source = sources.load_source(d.name, text_dir=d.text_dir,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 from typing import Any
@@ -29,6 +28,7 @@ from etils import epath
 
 from moe import trees
 from moe.errors import ConfigError
+from moe import rundir
 from moe.rundir import CHECKPOINTS_DIR
 
 STATE = "state"
@@ -93,7 +93,7 @@ def _manager(directory, *, keep: int | None = None, read_only: bool = False,
       max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(
-      os.path.abspath(os.fspath(directory)), options=options,
+      rundir.absolute(directory), options=options,
       item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: DataStateHandler()})
 
 
@@ -107,7 +107,7 @@ class Checkpointer:
   """The checkpoints of one run: `directory` holds one sub-directory per saved step."""
 
   def __init__(self, directory, *, keep: int | None = None, async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = rundir.absolute(directory)
     self._mngr = _manager(self.directory, keep=keep, async_save=async_save)
 
   def latest_step(self) -> int | None:
@@ -150,16 +150,16 @@ def resolve(path) -> tuple[str, int]:
 
   Raises ConfigError when there is no complete checkpoint there.
   """
-  path = os.path.abspath(os.fspath(path))
-  candidates = [(os.path.join(path, CHECKPOINTS_DIR), None), (path, None)]
-  base, name = os.path.split(path.rstrip("/"))
+  path = rundir.absolute(path).rstrip("/")
+  candidates = [(rundir.join(path, CHECKPOINTS_DIR), None), (path, None)]
+  base, _, name = path.rpartition("/")
   if name.isdigit():
     candidates.insert(0, (base, int(name)))
   for directory, step in candidates:
-    if not os.path.isdir(directory):
+    folder = epath.Path(directory)
+    if not folder.is_dir():
       continue
-    steps = [int(s) for s in os.listdir(directory) if s.isdigit()
-             and os.path.isdir(os.path.join(directory, s, STATE))]
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / STATE).is_dir()]
     if step is not None and step in steps:
       return directory, step
     if step is None and steps:

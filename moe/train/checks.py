@@ -22,6 +22,7 @@ import math
 import os
 
 import jax
+from etils import epath
 from jax.sharding import NamedSharding
 
 from moe import sharding as sharding_lib
@@ -123,17 +124,20 @@ def config_warnings(cfg) -> list[str]:
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir must be creatable and writable (a one-line error naming --workdir)."""
+  """The workdir must be creatable and writable (a one-line error naming --workdir); local or
+  remote (`gs://...`), through etils.epath."""
   if not workdir:
     raise ConfigError("--workdir is empty; give a directory for checkpoints and metrics")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write_test_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 - OSError locally; a remote backend's own errors too
+    reason = (getattr(e, "strerror", None)
+              or (str(e).strip().splitlines() or [type(e).__name__])[0])
+    raise ConfigError(f"--workdir={workdir} is not writable ({reason})") from None
 
 
 def check_divisible(abstract_params, shardings, mesh) -> None:

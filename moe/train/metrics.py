@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from absl import logging
 import math
-import os
 import time
 
 import numpy as np
 
+from moe import rundir
 from moe.rundir import METRICS_FILE, append_metrics, read_metrics, write_metrics
 
 
@@ -82,7 +82,7 @@ class MetricsLog:
 
   def __init__(self, workdir: str, *, total_steps: int, primary: bool):
     from clu import metric_writers  # imports TensorFlow for TensorBoard: only when training
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = rundir.join(workdir, METRICS_FILE)  # local or gs:// (CLU's writers too)
     self.total_steps = total_steps
     self.primary = primary
     # Headline scalars: console + TensorBoard. Per-layer scalars: TensorBoard only (dozens of
@@ -92,7 +92,7 @@ class MetricsLog:
 
   def truncate_after(self, step: int) -> None:
     """On resume from `step`: drop records of steps that will be trained again."""
-    if not self.primary or not os.path.exists(self.path):
+    if not self.primary or not rundir.exists(self.path):
       return
     write_metrics(self.path, [r for r in read_metrics(self.path)  # skips a line cut by a kill
                               if "step" in r and r["step"] <= step])

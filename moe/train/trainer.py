@@ -30,7 +30,6 @@ its own shards of each checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
+from moe import rundir
 from moe import sharding as sharding_lib
 from moe import trees
 from moe.data import pipeline as data_lib
@@ -79,11 +79,12 @@ class Setup:
 
 def enable_compilation_cache(workdir: str) -> None:
   """XLA executables cached on disk in `<workdir>/../.jax_cache` (beside the runs, like the data
-  cache), unless JAX_COMPILATION_CACHE_DIR / jax's config already names a directory. A resumed
-  run, and every seed of a sweep, then skips most of the compilation."""
+  cache; for a remote workdir a local `~/.cache/moe/jax_cache`, `moe.rundir.cache_dir`), unless
+  JAX_COMPILATION_CACHE_DIR / jax's config already names a directory. A resumed run, and every
+  seed of a sweep, then skips most of the compilation."""
   if jax.config.jax_compilation_cache_dir:
     return
-  path = os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache")
+  path = rundir.cache_dir(workdir, ".jax_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -173,7 +174,7 @@ def evaluate(cfg, workdir: str) -> dict:
   Returns the eval metrics (eval_loss, eval_cross_entropy, eval_bits_per_byte, ...).
   """
   s = setup(cfg, workdir)
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
+  directory = rundir.join(workdir, CHECKPOINTS_DIR)
   abstract = {k: v for k, v in s.abstract.items() if v}  # moe_bias is {} in a dense model
   loaded = ckpt_lib.load_state_items(directory, abstract, where=f"--workdir={workdir}")
   loaded.setdefault("moe_bias", {})
@@ -204,7 +205,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   abstract_state, state_shardings = _abstract_state(s, tx)
 
   # 6. checkpoint: the newest one in the workdir (or init_from) must fit, before compiling.
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR),
+  checkpointer = ckpt_lib.Checkpointer(rundir.join(workdir, CHECKPOINTS_DIR),
                                        keep=tc.keep_checkpoints)
   resume_step = checkpointer.latest_step()
   _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
@@ -249,7 +250,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
       "mesh": {k: int(v) for k, v in s.mesh.shape.items()}, "data": s.data.info,
   }
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary, indent=2)
+    write_json_atomic(rundir.join(workdir, SUMMARY_FILE), summary, indent=2)
   logging.info("%s at step %d: %s", loop.status, loop.step, loop.last_eval)
   return summary
 

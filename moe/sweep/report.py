@@ -16,12 +16,16 @@ import datetime
 import io
 import json
 import math
-import os
+import sys
 
-from moe.rundir import (METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
-                        read_json, read_metrics, replacing, write_text_atomic)
+from moe.errors import ConfigError
+from moe.rundir import (METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file, isdir,
+                        join, read_json, read_metrics, replacing, write_text_atomic)
 from moe.sweep.spec import describe_overrides
 
+# What collect() reads from sweep.json.
+SWEEP_KEYS = ("title", "paper", "metric", "higher_is_better", "scale", "smoke", "members", "seeds",
+              "published", "eval_overrides", "notes")
 # (key in summary.json / metrics.jsonl, column header, number format)
 COLUMNS = [
     ("eval_loss", "eval loss", ".4f"),
@@ -52,11 +56,11 @@ def _finite(v) -> float | None:
 
 def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
   """Status, final values, loss curve and extra evaluations of one (member, seed) run."""
-  summary = read_json(os.path.join(rundir, SUMMARY_FILE))
-  records = read_metrics(os.path.join(rundir, METRICS_FILE))
+  summary = read_json(join(rundir, SUMMARY_FILE))
+  records = read_metrics(join(rundir, METRICS_FILE))
   if isinstance(summary, dict) and summary.get("status") in ("completed", "diverged", "failed"):
     status = summary["status"]
-  elif records or os.path.isdir(rundir):
+  elif records or isdir(rundir):
     status = "incomplete"
   else:
     status = "missing"
@@ -75,9 +79,9 @@ def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
            if isinstance(r.get("step"), int) and _finite(r.get(curve_key)) is not None]
   extra = {}
   for name in eval_names:
-    e = read_json(os.path.join(rundir, eval_file(name)))
+    e = read_json(join(rundir, eval_file(name)))
     extra[name] = e.get("metrics", {}) if isinstance(e, dict) else None
-  info = read_json(os.path.join(rundir, RUN_INFO_FILE)) or {}
+  info = read_json(join(rundir, RUN_INFO_FILE)) or {}
   return {"status": status, "values": values, "curve": curve, "extra": extra,
           "error": summary.get("error") or info.get("error"), "wall_s": info.get("wall_s"),
           "machine": info.get("machine"), "finished": info.get("finished")}
@@ -146,11 +150,15 @@ def _fmt(metric: str) -> str:
 
 def collect(workdir: str) -> dict:
   """Everything the report shows, from the files."""
-  sweep = read_json(os.path.join(workdir, SWEEP_FILE))
+  path = join(workdir, SWEEP_FILE)
+  sweep = read_json(path)
   if not isinstance(sweep, dict):
-    raise FileNotFoundError(f"{os.path.join(workdir, SWEEP_FILE)} is missing: run the sweep first "
-                            f"(python launch.py --config=configs/ablations/<table>.py "
-                            f"--workdir={workdir})")
+    raise ConfigError(f"{path} is missing or unreadable: run the sweep first "
+                      f"(python launch.py --config=configs/ablations/<table>.py "
+                      f"--workdir={workdir})")
+  missing = [k for k in SWEEP_KEYS if k not in sweep]
+  if missing:
+    raise ConfigError(f"{path} is not a sweep file written by moe.sweep (no {missing[0]!r})")
   metric = sweep["metric"]
   keys = [k for k, _, _ in COLUMNS]
   for k in [metric] + [p["metric"] for p in sweep["published"]]:
@@ -159,7 +167,7 @@ def collect(workdir: str) -> dict:
   eval_names = [e["name"] for e in sweep["eval_overrides"]]
   members = []
   for m in sweep["members"]:
-    runs = [load_run(os.path.join(workdir, m["name"], f"seed{s}"), eval_names, keys)
+    runs = [load_run(join(workdir, m["name"], f"seed{s}"), eval_names, keys)
             for s in sweep["seeds"]]
     for r, s in zip(runs, sweep["seeds"]):
       r["seed"] = s
@@ -373,7 +381,7 @@ def write_report(workdir: str, generated: str | None = None) -> dict:
   """Writes table.md, table.csv and plot.png into the sweep's workdir; returns their paths."""
   data = collect(workdir)
   generated = generated or datetime.datetime.now().isoformat(timespec="seconds")
-  paths = {n: os.path.join(workdir, n) for n in ("table.md", "table.csv", "plot.png")}
+  paths = {n: join(workdir, n) for n in ("table.md", "table.csv", "plot.png")}
   write_text_atomic(paths["table.md"], render_markdown(data, generated))
   write_text_atomic(paths["table.csv"], render_csv(data))
   with replacing(paths["plot.png"]) as tmp:  # keeps .png: matplotlib picks the format from it
@@ -385,7 +393,12 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description="Rewrite a sweep's report from its files.")
   parser.add_argument("--workdir", required=True, help="the sweep's workdir (runs/<table>)")
   args = parser.parse_args(argv)
-  paths = write_report(args.workdir)
+  try:
+    paths = write_report(args.workdir)
+  except (ConfigError, OSError) as e:  # a wrong --workdir, an unwritable one: one line, exit 2
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2) from None
   print("\n".join(paths.values()))
 
 

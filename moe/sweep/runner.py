@@ -25,8 +25,8 @@ import jax
 
 from moe import trees
 from moe.errors import ConfigError
-from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file,
-                        read_json, write_json_atomic)
+from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file, exists,
+                        join, makedirs, read_json, write_json_atomic)
 from moe.sweep import report
 from moe.sweep.spec import Run, Sweep, apply_override, expand, parse_shard
 from moe.train import trainer as train
@@ -39,7 +39,7 @@ DONE_STATUSES = ("completed", "diverged")
 
 
 def run_status(rundir: str) -> str | None:
-  s = read_json(os.path.join(rundir, SUMMARY_FILE))
+  s = read_json(join(rundir, SUMMARY_FILE))
   return s.get("status") if isinstance(s, dict) else None
 
 
@@ -94,12 +94,12 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
   if eval_fn is None and sweep.eval_overrides:
     eval_fn = _default_eval_fn()
   _check_existing(sweep, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  makedirs(workdir)
   info = sweep.to_json()
   info["command"] = command_for(sweep, workdir)
   info["argv"] = shlex.join([os.path.basename(sys.executable)] + sys.argv)
   info["extra_eval_available"] = eval_fn is not None
-  write_json_atomic(os.path.join(workdir, SWEEP_FILE), info)  # shards share the workdir
+  write_json_atomic(join(workdir, SWEEP_FILE), info)  # shards share the workdir
 
   mine = sweep.runs[index::count]
   done = {"trained": [], "skipped": [], "failed": [], "preempted": []}
@@ -112,9 +112,9 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: {status}, skipped")
       done["skipped"].append(tag)
     else:
-      os.makedirs(rundir, exist_ok=True)
+      makedirs(rundir)
       machine = machine or machine_description()
-      write_json_atomic(os.path.join(rundir, CONFIG_FILE), r.cfg.to_dict())
+      write_json_atomic(join(rundir, CONFIG_FILE), r.cfg.to_dict())
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: "
           f"{'resuming' if status else 'training'}")
       t0 = time.time()
@@ -125,13 +125,13 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
         error = f"{type(e).__name__}: {e}".splitlines()[0]
         log(f"[sweep] {tag} raised {error}\n{traceback.format_exc()}")
       wall = time.time() - t0
-      prev = read_json(os.path.join(rundir, RUN_INFO_FILE)) or {}
-      write_json_atomic(os.path.join(rundir, RUN_INFO_FILE), {
+      prev = read_json(join(rundir, RUN_INFO_FILE)) or {}
+      write_json_atomic(join(rundir, RUN_INFO_FILE), {
           "machine": machine, "wall_s": wall + float(prev.get("wall_s", 0.0)),
           "finished": datetime.datetime.now().isoformat(timespec="seconds"), "error": error})
       status = run_status(rundir)
       if error is not None and status not in DONE_STATUSES + ("failed",):
-        write_json_atomic(os.path.join(rundir, SUMMARY_FILE),
+        write_json_atomic(join(rundir, SUMMARY_FILE),
                           {"status": "failed", "error": error, "written_by": "moe.sweep"})
         status = "failed"
       if status == "preempted":  # the trainer saw SIGTERM / a stop request: stop the sweep too
@@ -158,7 +158,7 @@ def _flat(d: dict) -> dict:
 def _check_existing(sweep: Sweep, workdir: str) -> None:
   """A run directory left by a different config would be silently reused: refuse it."""
   for r in sweep.runs:
-    old = read_json(os.path.join(r.dirname(workdir), CONFIG_FILE))
+    old = read_json(join(r.dirname(workdir), CONFIG_FILE))
     if old is None:
       continue
     a, b = _flat(old), _flat(r.cfg.to_dict())
@@ -170,8 +170,8 @@ def _check_existing(sweep: Sweep, workdir: str) -> None:
 
 def _extra_evals(sweep: Sweep, r: Run, rundir: str, eval_fn, log) -> None:
   for e in sweep.eval_overrides:
-    path = os.path.join(rundir, eval_file(e["name"]))
-    if os.path.exists(path):
+    path = join(rundir, eval_file(e["name"]))
+    if exists(path):
       continue
     if eval_fn is None:
       log(f"[sweep] {r.member}/seed{r.seed}: extra evaluation {e['name']!r} skipped: "

@@ -35,10 +35,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
+from moe import rundir
 from moe.errors import ConfigError, check_int
 
 SCALES = ("cpu", "accelerator")
@@ -77,7 +77,7 @@ class Run:
   cfg: Any  # locked ConfigDict, no `sweep` group
 
   def dirname(self, workdir: str) -> str:
-    return os.path.join(workdir, self.member, f"seed{self.seed}")
+    return rundir.join(workdir, self.member, f"seed{self.seed}")
 
 
 @dataclasses.dataclass
@@ -331,8 +331,9 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
       p["order"] = [n for n in p["order"] if n in names]
 
   if workdir is not None and "data" in base and base.data.get("tfds_data_dir", None) == "":
-    # All runs of a sweep share one prepared dataset, beside the sweep's workdir.
-    base.data.tfds_data_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "tfds")
+    # All runs of a sweep share one prepared dataset, beside the sweep's workdir (a local cache
+    # folder when the workdir is remote: moe.rundir.cache_dir).
+    base.data.tfds_data_dir = rundir.cache_dir(workdir, "tfds")
 
   runs = []
   for seed in seeds:

@@ -4,9 +4,12 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO, one_line_error
 from moe.sweep import report
 
 GENERATED = "2024-01-02T03:04:05"
@@ -169,5 +172,32 @@ def test_command_line_rewrites_the_report(sweep_dir, capsys):
 
 
 def test_missing_sweep_file_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="sweep.json is missing"):
+  with one_line_error("sweep.json is missing", "run the sweep first"):
     report.write_report(str(tmp_path))
+
+
+def test_sweep_file_without_a_field_is_a_clear_error(sweep_dir):
+  sweep = json.load(open(os.path.join(sweep_dir, "sweep.json")))
+  del sweep["members"]
+  write(os.path.join(sweep_dir, "sweep.json"), sweep)
+  with one_line_error("is not a sweep file", "'members'"):
+    report.write_report(sweep_dir)
+
+
+def test_command_line_errors_are_one_line_with_exit_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    report.main([f"--workdir={tmp_path / 'nothere'}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "sweep.json is missing" in err
+  assert not os.path.exists(tmp_path / "nothere")  # a report of nothing writes nothing
+
+
+def test_command_line_module_missing_workdir_exits_2(tmp_path):
+  """`python -m moe.sweep.report --workdir=runs/nothere`: one line on stderr, no traceback."""
+  out = subprocess.run([sys.executable, "-m", "moe.sweep.report", "--workdir=runs/nothere"],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.startswith("error: runs/nothere/sweep.json is missing"), out.stderr
+  assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr

@@ -31,7 +31,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
 import struct
 import sys
 
@@ -39,6 +38,7 @@ import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from moe.convert import layouts
 from moe.errors import ConfigError
@@ -46,6 +46,7 @@ from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig, model_config_from, validate_model
 from moe.model.transformer import param_shapes
 from moe import trees
+from moe import rundir
 from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
 
@@ -103,7 +104,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) 
     arrays.append(a)
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with open(path, "wb") as f:
+  with rundir.replacing(path) as tmp, open(tmp, "wb") as f:  # local or remote `path`
     f.write(struct.pack("<Q", len(raw)) + raw)
     for a in arrays:
       f.write(a.tobytes())
@@ -111,12 +112,17 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) 
 
 def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json, every tensor of every *.safetensors file) of a local HF model folder."""
+  if rundir.is_remote(folder):
+    raise ConfigError(f"--from_hf={folder}: give a local folder (the safetensors files are "
+                      "memory-mapped); copy the model down first")
   cfg_path = os.path.join(folder, CONFIG_JSON)
   if not os.path.isfile(cfg_path):
     raise ConfigError(f"--from_hf={folder}: no config.json there (expected a Hugging Face model "
                       "folder saved with save_pretrained)")
-  with open(cfg_path) as f:
-    hf = json.load(f)
+  try:
+    hf = rundir.load_json(cfg_path, "--from_hf: the model's config")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:
     raise ConfigError(f"--from_hf={folder}: no *.safetensors files (PyTorch .bin checkpoints are "
@@ -181,8 +187,8 @@ def model_groups(model: dict, moe: dict | None) -> dict:
 
 def save_checkpoint(workdir: str, params) -> str:
   """Writes `params` as step 0 in `workdir/checkpoints` (moe.train.checkpoint's format)."""
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  if os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory)):
+  directory = rundir.join(workdir, CHECKPOINTS_DIR)
+  if rundir.isdir(directory) and any(p.name.isdigit() for p in epath.Path(directory).iterdir()):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
   state = {"step": np.zeros((), np.int32),
            "params": jax.tree.map(lambda x: np.asarray(x, np.float32), params)}
@@ -212,22 +218,21 @@ def from_hf(folder: str, workdir: str) -> dict:
     diff = sorted(set(want.items()) ^ set(have.items()))[0]
     raise ConfigError(f"--from_hf={folder}: internal mismatch between converted params and the "
                       f"model ({diff[0]}: {have.get(diff[0])} vs {want.get(diff[0])})")
-  os.makedirs(workdir, exist_ok=True)
+  rundir.makedirs(workdir)
   save_checkpoint(workdir, params)
-  spec["source"] = {"from_hf": os.path.abspath(folder), "model_type": arch,
+  spec["source"] = {"from_hf": rundir.absolute(folder), "model_type": arch,
                     "architectures": hf.get("architectures"),
                     "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
-  write_json_atomic(os.path.join(workdir, CONFIG_FILE), spec, default=None)
-  with open(os.path.join(workdir, CONFIG_PY), "w") as f:
-    f.write(_config_py(f"from {arch}"))
+  write_json_atomic(rundir.join(workdir, CONFIG_FILE), spec, default=None)
+  rundir.write_text_atomic(rundir.join(workdir, CONFIG_PY), _config_py(f"from {arch}"))
   tok = os.path.join(folder, "tokenizer.json")
   if os.path.isfile(tok):
-    dst = os.path.join(workdir, HF_TOKENIZER_DIR)
-    os.makedirs(dst, exist_ok=True)
-    shutil.copy(tok, dst)
-    with open(os.path.join(dst, "special_tokens.json"), "w") as f:
-      json.dump({"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"),
-                 "pad_id": hf.get("pad_token_id")}, f)
+    dst = rundir.join(workdir, HF_TOKENIZER_DIR)
+    rundir.makedirs(dst)
+    rundir.copy_file(tok, rundir.join(dst, "tokenizer.json"))
+    write_json_atomic(rundir.join(dst, "special_tokens.json"),
+                      {"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"),
+                       "pad_id": hf.get("pad_token_id")}, indent=None, default=None)
   return spec
 
 
@@ -242,13 +247,12 @@ def _load_config_file(path: str):
 
 
 def _groups_of(workdir: str, config_file: str | None) -> dict:
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = rundir.join(workdir, CONFIG_FILE)
   if config_file:
     cfg = _load_config_file(config_file)
     return {"model": dict(cfg.model), "moe": dict(cfg.moe)}
-  if os.path.isfile(path):
-    with open(path) as f:
-      spec = json.load(f)
+  if rundir.exists(path):
+    spec = _read_config_json(path)
     if "model" in spec and "moe" in spec:
       return {"model": spec["model"], "moe": spec["moe"]}
   raise ConfigError(f"--from={workdir}: no config.json with `model` and `moe` groups there; "
@@ -277,20 +281,30 @@ def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
   top = {k: v for k, v in params.items() if not k.startswith("block")}
   config, tensors = layouts.params_to_mixtral(model, moe, block, top)
   config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
-  source = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(source):
-    src = json.load(open(source)).get("source", {})
+  source = rundir.join(workdir, CONFIG_FILE)
+  if rundir.exists(source):
+    src = _read_config_json(source).get("source", {})
     for k in ("bos_token_id", "eos_token_id"):
       if k in src:
         config[k] = src[k]
-  os.makedirs(out_dir, exist_ok=True)
-  write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
-  with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
-    json.dump(config, f, indent=1)
-  tok = os.path.join(workdir, HF_TOKENIZER_DIR, "tokenizer.json")
-  if os.path.isfile(tok):
-    shutil.copy(tok, out_dir)
+  rundir.makedirs(out_dir)
+  write_safetensors(rundir.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+  write_json_atomic(rundir.join(out_dir, CONFIG_JSON), config, indent=1, default=None)
+  tok = rundir.join(workdir, HF_TOKENIZER_DIR, "tokenizer.json")
+  if rundir.exists(tok):
+    rundir.copy_file(tok, rundir.join(out_dir, "tokenizer.json"))
   return config
+
+
+def _read_config_json(path: str) -> dict:
+  """A run's config.json as a dict; unreadable or not an object: a one-line ConfigError."""
+  try:
+    spec = rundir.load_json(path, "config")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not isinstance(spec, dict):
+    raise ConfigError(f"config {path} is not a JSON object")
+  return spec
 
 
 def _index(tree, i):
@@ -313,7 +327,7 @@ def main(argv=None) -> int:
     if a.from_hf and a.to and not (a.src or a.to_hf):
       spec = from_hf(a.from_hf, a.to)
       print(f"converted {spec['source']['model_type']} from {a.from_hf} into {a.to} "
-            f"(config: {os.path.join(a.to, CONFIG_PY)})")
+            f"(config: {rundir.join(a.to, CONFIG_PY)})")
     elif a.src and a.to_hf and not (a.from_hf or a.to):
       to_hf(a.src, a.to_hf, a.config)
       print(f"exported {a.src} as Mixtral into {a.to_hf}")

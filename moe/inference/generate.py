@@ -31,8 +31,6 @@ tokens coloured by their top-1 expert per layer, plus each expert's share of the
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -47,6 +45,7 @@ from moe.inference import routing_view
 from moe.layer import sown
 from moe.model.config import model_config_from, validate_model_groups
 from moe.model.transformer import Transformer, init_cache
+from moe import rundir
 from moe.rundir import HF_TOKENIZER_DIR
 from moe.train import checkpoint as ckpt_lib
 
@@ -65,9 +64,13 @@ class HfTokenizer:
     except ImportError:
       raise ConfigError(f"{folder} holds a Hugging Face tokenizer; reading it needs the "
                         "`tokenizers` package (pip install tokenizers)") from None
-    self._tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    meta_path = os.path.join(folder, "special_tokens.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    # Read through etils.epath: `folder` may be remote (gs://...).
+    self._tok = Tokenizer.from_str(rundir.read_text(rundir.join(folder, "tokenizer.json")))
+    meta_path = rundir.join(folder, "special_tokens.json")
+    try:
+      meta = rundir.load_json(meta_path, "special tokens") if rundir.exists(meta_path) else {}
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     self.vocab_size = self._tok.get_vocab_size()
     self.bos_id = meta.get("bos_id")
     self.eos_id = meta.get("eos_id")
@@ -82,8 +85,8 @@ class HfTokenizer:
 
 def load_tokenizer(cfg, workdir: str):
   """`workdir/hf_tokenizer/` when a conversion left one there, else the data config's."""
-  hf = os.path.join(workdir, HF_TOKENIZER_DIR)
-  if os.path.exists(os.path.join(hf, "tokenizer.json")):
+  hf = rundir.join(workdir, HF_TOKENIZER_DIR)
+  if rundir.exists(rundir.join(hf, "tokenizer.json")):
     return HfTokenizer(hf)
   if cfg.data.tokenizer == "byte":
     return ByteTokenizer()
@@ -258,7 +261,7 @@ def load(cfg, workdir: str) -> Generator:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model in {workdir} "
                       f"only {model_cfg.vocab_size} (model.vocab_size): use the tokenizer it was "
                       f"trained with (a converted model needs its tokenizer.json in "
-                      f"{os.path.join(workdir, HF_TOKENIZER_DIR)})")
+                      f"{rundir.join(workdir, HF_TOKENIZER_DIR)})")
   model = Transformer(model_cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
   shapes = nn.meta.unbox({"params": shapes["params"], "moe_bias": shapes.get("moe_bias", {})})

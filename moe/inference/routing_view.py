@@ -17,10 +17,10 @@ largest combine weight (-1 when every choice was dropped, drawn grey).
 from __future__ import annotations
 
 import html
-import json
-import os
 
 import numpy as np
+
+from moe import rundir
 
 HTML_FILE, PNG_FILE, LOAD_FILE = "routing_map.html", "routing_map.png", "routing_load.json"
 
@@ -94,8 +94,7 @@ chosen experts and weights. Legend: {legend}</p>
 {''.join(rows)}
 <h2>Expert load over this text</h2><table>{''.join(table)}</table></body></html>
 """
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(doc)
+  rundir.write_text_atomic(path, doc)
 
 
 def write_png(path: str, texts: list[str], layers: list, num_experts: int,
@@ -124,7 +123,8 @@ def write_png(path: str, texts: list[str], layers: list, num_experts: int,
             ncol=1 + num_experts // 16)
   ax.set_title("top-1 expert per token and layer (line: end of prompt)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with rundir.replacing(path) as tmp:  # keeps .png: matplotlib picks the format from it
+    fig.savefig(tmp, dpi=100)
   plt.close(fig)
 
 
@@ -137,15 +137,15 @@ def write_routing_map(workdir: str, texts: list[str], layers: list, *, num_exper
     if np.asarray(d["expert_index"]).shape[0] != len(texts):
       raise ValueError(f"write_routing_map: layer {name} has routing for "
                        f"{np.asarray(d['expert_index']).shape[0]} tokens, the text {len(texts)}")
-  os.makedirs(workdir, exist_ok=True)
+  rundir.makedirs(workdir)
   loads = {}
   for name, d in layers:
     load, t1 = expert_load(d, num_experts)
     loads[name] = {"load": load, "top1_load": t1}
-  paths = {"html": os.path.join(workdir, HTML_FILE), "png": os.path.join(workdir, PNG_FILE),
-           "load": os.path.join(workdir, LOAD_FILE)}
+  paths = {"html": rundir.join(workdir, HTML_FILE), "png": rundir.join(workdir, PNG_FILE),
+           "load": rundir.join(workdir, LOAD_FILE)}
   write_html(paths["html"], texts, layers, num_experts, prompt_len, loads)
   write_png(paths["png"], texts, layers, num_experts, prompt_len)
-  with open(paths["load"], "w") as f:
-    json.dump({"tokens": len(texts), "prompt_tokens": prompt_len, "layers": loads}, f, indent=1)
+  rundir.write_json_atomic(paths["load"], {"tokens": len(texts), "prompt_tokens": prompt_len,
+                                           "layers": loads}, indent=1, default=None)
   return paths

@@ -137,3 +137,13 @@ def tiny_flags(textdir, tfds_dir):
     return [f"--config.{k}={v}" for k, v in d.items()]
 
   return make
+
+
+@pytest.fixture
+def remote_fs(tmp_path_factory):
+  """A fake `gs://bucket` kept in a local temporary folder (tests/remote_fs.py): epath, Orbax's
+  TensorStore writes and CLU's TensorBoard writers all reach it. Yields a `RemoteFs`:
+  `remote_fs.url("run")` -> "gs://bucket/run", `remote_fs.local(url)` -> where it lives."""
+  import remote_fs as remote_fs_lib
+  with remote_fs_lib.mock_gcs(str(tmp_path_factory.mktemp("gcs"))) as fs:
+    yield fs

@@ -5,6 +5,7 @@ may land on local disk under a folder named `gs:` (what os.path.abspath makes of
 import json
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -23,6 +24,8 @@ def remote(remote_fs, tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   yield remote_fs
   assert stray_gs_entries(cwd, tmp_path, REPO) == []
+  for top in (tempfile.gettempdir(), os.path.dirname(str(tmp_path)), os.path.expanduser("~")):
+    assert not os.path.exists(os.path.join(top, "gs:")), top
 
 
 def test_mock_maps_the_bucket_and_leaves_local_paths_alone(remote, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Iterator, Union
 
@@ -120,9 +121,10 @@ def replacing(path: PathLike) -> Iterator[str]:
   try:
     yield tmp
     if is_remote(path):
-      with open(tmp, "rb") as f:
-        data = f.read()
-      epath.Path(path).write_bytes(data)  # one upload: the object is replaced as a whole
+      # One upload, streamed from the finished local file: the object is replaced as a whole
+      # when the upload completes.
+      with open(tmp, "rb") as src, epath.Path(path).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
       os.remove(tmp)
     else:
       os.replace(tmp, path)
@@ -147,10 +149,8 @@ def write_json_atomic(path: PathLike, obj, *, indent: int = 1, default=repr) -> 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
   """Copies the file `src` to the file `dst` (either local or remote), replacing it atomically."""
-  with epath.Path(src).open("rb") as f:
-    data = f.read()
-  with replacing(dst) as tmp, open(tmp, "wb") as f:
-    f.write(data)
+  with replacing(dst) as tmp, epath.Path(src).open("rb") as f, open(tmp, "wb") as out:
+    shutil.copyfileobj(f, out, 1 << 24)
 
 
 def read_text(path: PathLike) -> str:

@@ -203,3 +203,24 @@ def test_imports_only_the_standard_library_and_epath():
   names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
   assert {n.split(".")[0] for n in names} - {"etils"} <= set(sys.stdlib_module_names), names
+
+
+def test_copy_file_replaces_the_target_whole(tmp_path):
+  src, dst = tmp_path / "tokenizer.json", tmp_path / "out" / "tokenizer.json"
+  src.write_bytes(b'{"v": "\xc3\xa9"}' * 1000)
+  dst.parent.mkdir()
+  dst.write_bytes(b"old")
+  rundir.copy_file(str(src), str(dst))
+  assert read_bytes(dst) == read_bytes(src) and os.listdir(dst.parent) == ["tokenizer.json"]
+
+
+def test_cache_dir_and_absolute_of_local_and_remote_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert rundir.cache_dir("runs/a", ".tfds") == str(tmp_path / "runs" / ".tfds")
+  assert rundir.cache_dir("gs://b/runs/a", ".tfds") == str(tmp_path / "xdg" / "moe" / "tfds")
+  assert rundir.absolute("gs://b/runs/a") == "gs://b/runs/a"
+  assert rundir.absolute("runs/a") == str(tmp_path / "runs" / "a")
+  assert rundir.join("gs://b/runs", "a", "summary.json") == "gs://b/runs/a/summary.json"
+  assert rundir.is_remote("gs://b") and not rundir.is_remote("/tmp/gs/b")
+  assert not os.path.exists(tmp_path / "gs:")

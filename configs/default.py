@@ -45,8 +45,11 @@ def get_config():
   c.moe.expert_hidden = 256  # F, hidden width of one expert
   c.moe.capacity_factor = config_dict.placeholder(float)  # training C factor; None = dropless
   c.moe.capacity_factor = 1.25
-  c.moe.eval_capacity_factor = config_dict.placeholder(float)  # eval C factor; None = dropless
-  c.moe.eval_capacity_factor = 2.0
+  # Eval C factor; None = dropless. Unless set, it follows the training factor: dropless when
+  # training is dropless (ml_collections applies no op to None), else max(capacity_factor, 2.0),
+  # so evaluation never drops more than training would.
+  c.moe.eval_capacity_factor = c.moe.get_ref("capacity_factor")._apply_op(  # noqa: SLF001
+      lambda cf: max(cf, 2.0))
   c.moe.min_capacity = 4  # C is at least this
   c.moe.group_size = config_dict.placeholder(int)  # tokens per routing group; None = whole batch
   c.moe.router = "token_choice"  # token_choice | expert_choice

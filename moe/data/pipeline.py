@@ -1,8 +1,10 @@
 """The data pipeline: `make_data(cfg, workdir=...) -> Data`.
 
 1. `moe.data.sources` prepares the text dataset `data.name` with TFDS (array_record) in the data
-   dir: `data.tfds_data_dir`, or by default `<workdir>/../.tfds`, a folder beside the run folders so
-   every run of a project (and every seed of a sweep) shares one prepared copy.
+   dir, chosen by one rule (`data_dir_for`) for single runs and sweeps alike:
+   `data.tfds_data_dir` if set, else `$TFDS_DATA_DIR` if set, else `<workdir>/../.tfds`, a folder
+   beside the run folders, so every run of a project shares one prepared copy. A sweep applies
+   the rule to its own workdir (`moe.sweep.spec.expand`), so its members share that folder too.
 2. The tokenizer: bytes (`data.tokenizer="byte"`, vocab 259), or SentencePiece
    (`"sentencepiece"`, `data.sp_vocab_size`), trained once on (a bounded sample of) the training
    split and cached in `<data dir>/moe_tokenizers/`.
@@ -56,6 +58,14 @@ def default_data_dir(workdir: str) -> str:
   """`<workdir>/../.tfds`; for a remote workdir (`gs://...`) a local cache folder instead
   (`moe.rundir.cache_dir`): the prepared rows are memory-mapped."""
   return rundir.cache_dir(workdir, ".tfds")
+
+
+def data_dir_for(tfds_data_dir: str, workdir: str) -> str:
+  """The data folder of a run in `workdir` (or of a sweep's members, `workdir` being the
+  sweep's): `data.tfds_data_dir` if set, else `$TFDS_DATA_DIR` if set, else
+  `default_data_dir(workdir)`."""
+  chosen = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or default_data_dir(workdir)
+  return rundir.absolute(os.path.expanduser(chosen))
 
 
 def validate_data(d) -> None:
@@ -281,10 +291,11 @@ def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int =
   `train.batch_size` a multiple of `process_count`; errors found only while preparing (an
   unknown dataset, an empty split) are one-line ConfigErrors too."""
   d, t = cfg.data, cfg.train
-  data_dir = rundir.absolute(d.tfds_data_dir or default_data_dir(workdir))
+  data_dir = data_dir_for(d.tfds_data_dir, workdir)
   if rundir.is_remote(data_dir):
-    raise ConfigError(f"data.tfds_data_dir={data_dir!r} must be a local folder (the prepared "
-                      "rows are memory-mapped); leave it empty for a local cache")
+    field = "data.tfds_data_dir" if d.tfds_data_dir else "TFDS_DATA_DIR"
+    raise ConfigError(f"{field}={data_dir!r} must be a local folder (the prepared rows are "
+                      "memory-mapped); leave it empty for a local cache")
   os.makedirs(data_dir, exist_ok=True)
   start = time.perf_counter()
   source = sources.load_source(d.name, text_dir=d.text_dir,

@@ -331,9 +331,10 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
       p["order"] = [n for n in p["order"] if n in names]
 
   if workdir is not None and "data" in base and base.data.get("tfds_data_dir", None) == "":
-    # All runs of a sweep share one prepared dataset, beside the sweep's workdir (a local cache
-    # folder when the workdir is remote: moe.rundir.cache_dir).
-    base.data.tfds_data_dir = rundir.cache_dir(workdir, "tfds")
+    # The members share the data folder a single run in the sweep's workdir would use (a local
+    # cache folder when the workdir is remote: moe.rundir.cache_dir).
+    from moe.data.pipeline import data_dir_for  # pylint: disable=g-import-not-at-top
+    base.data.tfds_data_dir = data_dir_for("", workdir)
 
   runs = []
   for seed in seeds:

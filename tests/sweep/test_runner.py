@@ -103,7 +103,7 @@ def test_tables_expand_to_valid_unique_members(name, scale):
     assert set(p["order"]) <= set(names) and len(p["order"]) >= 2
   if scale == "cpu":
     assert s.runs[0].cfg.model.d_model == 64
-    assert s.runs[0].cfg.data.tfds_data_dir == "/tmp/tfds"
+    assert s.runs[0].cfg.data.tfds_data_dir == "/tmp/.tfds"  # as a single run in /tmp/x
 
 
 def test_table_specifics():

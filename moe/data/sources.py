@@ -14,8 +14,13 @@ after the source and a fingerprint of its file listing (paths, sizes, mtimes), t
 and the Python version, so a changed folder is prepared afresh and an unchanged one is reused. It is
 prepared with `file_format="array_record"` and read back by random access (`as_data_source`).
 
-Any other name must be a dataset `tfds.list_builders()` knows; it is prepared into the same
-data dir (array_record) and its first text feature is used.
+Any other name must be a dataset `tfds.list_builders()` knows; its first text feature is used.
+A copy already prepared in the data dir is used as it is: array_record by random access, TFRecord
+(the format of most prepared copies, which grain cannot read by index) by reading each split once
+in order, which is all packing needs (`moe.data.pipeline` packs a split once into its own rows).
+Otherwise it is prepared there (array_record), which downloads it: first its download hosts
+(the URLs of the builder's checksums) are tried for at most `NETWORK_CHECK_S` seconds, so an
+offline machine gets a one-line error at once instead of urllib3's minutes of retries.
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ import io
 import logging
 import os
 import platform
+import queue
+import socket
 import sysconfig
+import threading
+import time
 from typing import Iterator
+import urllib.parse
+import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -42,6 +53,8 @@ SPLITS = ("train", "validation")
 SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
 # Real TFDS datasets can be huge: at most this many characters of a split are read and packed.
 MAX_SPLIT_CHARS = {"train": 256_000_000, "validation": 8_000_000}
+# How long an unprepared TFDS dataset's download hosts are tried before giving up (no network).
+NETWORK_CHECK_S = 4.0
 
 
 def stdlib_root() -> str:
@@ -157,6 +170,20 @@ class MoeTextFiles(tfds.core.GeneratorBasedBuilder):
       yield rel, {"text": read_text(c.root, rel), "path": rel}
 
 
+class SequentialSplit:
+  """A split of a prepared TFDS dataset without random access (TFRecord), read in file order."""
+
+  def __init__(self, builder, split: str):
+    self._builder, self._split = builder, split
+
+  def __len__(self) -> int:
+    return int(self._builder.info.splits[self._split].num_examples)
+
+  def __iter__(self) -> Iterator[dict]:
+    ds = self._builder.as_dataset(split=self._split, shuffle_files=False)
+    return iter(tfds.as_numpy(ds))
+
+
 @dataclasses.dataclass
 class TextSource:
   """A prepared text dataset: `documents(split)` yields its texts in a fixed order."""
@@ -170,8 +197,10 @@ class TextSource:
   def documents(self, split: str) -> Iterator[str]:
     source = self._sources[split]
     budget = self._max_chars.get(split)
-    for i in range(len(source)):
-      text = source[i][self._field]
+    examples = iter(source) if isinstance(source, SequentialSplit) else (
+        source[i] for i in range(len(source)))
+    for example in examples:
+      text = example[self._field]
       text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
       yield text
       if budget is not None:
@@ -224,19 +253,89 @@ def _files_source(name: str, root: str, fraction: float, data_dir: str) -> TextS
   return TextSource(key=config.name, info=info, _sources=sources, _field="text", _max_chars={})
 
 
-def _tfds_source(name: str, data_dir: str) -> TextSource:
-  base = name.split("/")[0].split(":")[0]
-  if base not in tfds.list_builders():
-    raise ConfigError(f"data.name={name!r} is neither built in ({', '.join(BUILTIN)}) nor a "
-                      "dataset tensorflow_datasets knows (tfds.list_builders())")
+def _endpoint(url: str) -> tuple[str, int] | None:
+  """(host, port) a download of `url` connects to first: its proxy when one is set for it."""
+  parts = urllib.parse.urlsplit(url)
+  if not parts.hostname:
+    return None
+  proxy = urllib.request.getproxies().get(parts.scheme)
+  if proxy and not urllib.request.proxy_bypass(parts.hostname):
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
   try:
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+  except ValueError:  # a malformed port
+    return None
+  return (parts.hostname, port) if parts.hostname else None
+
+
+def reachable(endpoints, timeout: float) -> bool:
+  """Whether a TCP connection to any of `endpoints` opens within `timeout` seconds in all (name
+  resolution included): each try runs in a daemon thread; one still trying at the deadline is left
+  behind, not waited for."""
+  results: queue.Queue = queue.Queue()
+
+  def attempt(host, port):
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      results.put(True)
+    except OSError:
+      results.put(False)
+
+  for e in endpoints:
+    threading.Thread(target=attempt, args=e, daemon=True).start()
+  deadline = time.monotonic() + timeout
+  for _ in endpoints:
+    try:
+      if results.get(timeout=max(0.0, deadline - time.monotonic())):
+        return True
+    except queue.Empty:
+      return False
+  return False
+
+
+def _check_network(name: str, builder, data_dir: str) -> None:
+  """One-line ConfigError at once when none of the download hosts of `builder` (not prepared in
+  `data_dir`) can be reached. A builder that declares no URLs is left to TFDS."""
+  urls = sorted(builder.url_infos or {})
+  endpoints = sorted({e for e in map(_endpoint, urls) if e is not None})
+  if not endpoints or reachable(endpoints, NETWORK_CHECK_S):
+    return
+  hosts = ", ".join(sorted({urllib.parse.urlsplit(u).hostname or u for u in urls}))
+  raise ConfigError(
+      f"data.name={name!r} is not prepared in {data_dir} and its download hosts ({hosts}) cannot "
+      f"be reached within {NETWORK_CHECK_S:g} s (no network?); prepare it where a network exists "
+      f"(python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR')"
+      ".download_and_prepare(file_format='array_record')\") and point data.tfds_data_dir (or "
+      "TFDS_DATA_DIR) at DIR")
+
+
+def _prepared_builder(name: str, data_dir: str):
+  """The TFDS builder of `name`, prepared in `data_dir` (downloading it when it is not)."""
+  try:
+    # Not tfds.list_builders(): it imports TensorFlow and every dataset module (seconds).
     builder = tfds.builder(name, data_dir=data_dir)
-    _quiet_prepare(builder, silent=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f"data.name={name!r} is neither built in ({', '.join(BUILTIN)}) nor a "
+                      "dataset tensorflow_datasets knows (tfds.list_builders())") from None
+  except Exception as e:  # pylint: disable=broad-except  (e.g. an unknown builder config)
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"data.name={name!r}: {type(e).__name__}: {reason}") from None
+  try:
+    if not builder.is_prepared():
+      _check_network(name, builder, data_dir)
+      _quiet_prepare(builder, silent=False)
+  except ConfigError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     reason = (str(e).strip().splitlines() or [""])[0][:200]
     raise ConfigError(f"data.name={name!r}: TFDS could not download/prepare it into {data_dir} "
                       f"({type(e).__name__}: {reason}); prepare it there beforehand or use a "
                       f"built-in dataset ({', '.join(BUILTIN)})") from None
+  return builder
+
+
+def _tfds_source(name: str, data_dir: str) -> TextSource:
+  builder = _prepared_builder(name, data_dir)
   features = builder.info.features
   fields = [k for k, v in features.items() if isinstance(v, tfds.features.Text)]
   if not fields:
@@ -248,9 +347,13 @@ def _tfds_source(name: str, data_dir: str) -> TextSource:
   for s, real in names.items():
     if real not in available:
       raise ConfigError(f"data.name={name!r} has no {real!r} split for {s} (has {available})")
-  sources = {s: builder.as_data_source(split=real) for s, real in names.items()}
+  file_format = builder.info.file_format
+  random_access = file_format in tfds.core.file_adapters.FileFormat.with_random_access()
+  sources = {s: builder.as_data_source(split=real) if random_access
+             else SequentialSplit(builder, real) for s, real in names.items()}
   info = {"name": name, "tfds_name": f"{builder.name}/{builder.info.full_name}",
           "tfds_dir": builder.data_dir, "text_field": field, "splits_used": names,
+          "file_format": getattr(file_format, "value", str(file_format)),
           "max_chars_read": dict(MAX_SPLIT_CHARS),
           **{f"{s}_documents": len(src) for s, src in sources.items()}}
   key = "tfds-" + "".join(ch if ch.isalnum() or ch in "-_" else "_"

@@ -389,6 +389,10 @@ def test_tfds_dataset_that_cannot_be_prepared_is_a_one_line_error(tmp_path, monk
   import tensorflow_datasets as tfds
 
   class Unreachable:
+    url_infos = None  # no download hosts declared: nothing to check before preparing
+
+    def is_prepared(self):
+      return False
 
     def download_and_prepare(self, **kw):
       raise ConnectionError("Failed to establish a new connection:\n[Errno -3] name resolution")

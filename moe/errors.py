@@ -4,12 +4,21 @@ A user mistake is a `ConfigError` whose message is one line naming the field and
 values; `launch.py` prints it as `error: ...` and exits 2, before anything is compiled. The
 checks below are the only spelling of "an integer >= 1", "a number in [a, b]" and "one of ..."
 in the project, so every group words its errors alike.
+
+Numbers are finite: `check_number` and `check_positive` refuse nan and inf (an upper bound of
+`math.inf` reads "no upper bound"; inf itself is never a setting). Integers that reach the device
+are bounded by what it holds: `INT32_MAX` (the step counter and token ids are int32) and
+`SEED_MAX` (`jax.random.PRNGKey` keeps 32 bits of a seed; larger seeds alias smaller ones).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -23,7 +32,21 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  """A finite int or float (not a bool)."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def check_bool(name: str, value) -> None:
+  """ConfigError unless `value` is True or False."""
+  if not isinstance(value, bool):
+    raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def check_str(name: str, value, *, nonempty: bool = False) -> None:
+  """ConfigError unless `value` is a string (non-empty when asked)."""
+  if not isinstance(value, str) or (nonempty and not value):
+    raise ConfigError(f"{name} must be a {'non-empty ' if nonempty else ''}string, got {value!r}")
 
 
 def check_int(name: str, value, low: int, *, high: int | None = None,
@@ -40,22 +63,23 @@ def check_int(name: str, value, low: int, *, high: int | None = None,
 
 
 def check_positive(name: str, value, *, allow_none: bool = False) -> None:
-  """ConfigError unless `value` is a number > 0 (or None when allowed)."""
+  """ConfigError unless `value` is a finite number > 0 (or None when allowed)."""
   if value is None and allow_none:
     return
   if not _is_number(value) or value <= 0:
     extra = " or None" if allow_none else ""
-    raise ConfigError(f"{name} must be > 0{extra}, got {value!r}")
+    raise ConfigError(f"{name} must be a finite number > 0{extra}, got {value!r}")
 
 
 def check_number(name: str, value, low: float, high: float, *, low_open: bool = False,
                  high_open: bool = False) -> None:
-  """ConfigError unless `value` is a number in the interval [low, high] (ends as given)."""
+  """ConfigError unless `value` is a finite number in the interval [low, high] (ends as given;
+  `high=math.inf`: no upper bound)."""
   ok = _is_number(value) and (value > low if low_open else value >= low) and (
       value < high if high_open else value <= high)
   if not ok:
-    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    raise ConfigError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+    lo, hi = "(" if low_open else "[", ")" if high_open or math.isinf(high) else "]"
+    raise ConfigError(f"{name} must be a finite number in {lo}{low}, {high}{hi}, got {value!r}")
 
 
 def check_fields(group: str, given, cls) -> None:
@@ -69,8 +93,10 @@ def check_fields(group: str, given, cls) -> None:
 def once_per_config(check):
   """Runs `check(*args, **kwargs)` once per distinct (hashable) arguments; later calls with the
   same frozen config return at once. A failing check raises every time (nothing is cached), and
-  unhashable arguments are simply checked again. This lets a module guard the config it is given
-  at trace time without repeating the work the entry point already did."""
+  unhashable arguments are simply checked again. Arguments are told apart by their repr too, as
+  equality would not: a config with `remat=0` or `renormalize=1` equals (and hashes like) the one
+  with False or True, but is not the one that passed. This lets a module guard the config it is
+  given at trace time without repeating the work the entry point already did."""
   passed = set()
 
   @functools.wraps(check)
@@ -80,6 +106,7 @@ def once_per_config(check):
       hash(key)
     except TypeError:
       return check(*args, **kwargs)
+    key = (key, repr(key))
     if key not in passed:
       check(*args, **kwargs)
       passed.add(key)

@@ -1,6 +1,8 @@
-"""moe.errors: the shared value checks, and `once_per_config` (each config checked once)."""
+"""moe.errors: the shared value checks (finite numbers, bounded integers, real bools), and
+`once_per_config` (each config checked once)."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,33 @@ def test_value_checks_name_the_field_in_one_line():
   errors.check_int("moe.group_size", None, 1, allow_none=True)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), True, "1.0", None])
+def test_numbers_are_finite_and_not_bools(value):
+  """nan and inf pass no interval, not even one up to math.inf; a bool is not a number."""
+  with one_line_error("train.weight_decay", "finite", "[0.0, inf)"):
+    errors.check_number("train.weight_decay", value, 0.0, math.inf)
+  with one_line_error("model.logits_soft_cap", "finite number > 0"):
+    errors.check_positive("model.logits_soft_cap", value)
+  errors.check_number("train.weight_decay", 1e30, 0.0, math.inf)
+  errors.check_positive("model.logits_soft_cap", 1e-30)
+
+
+def test_ints_bools_and_strings():
+  with one_line_error("train.steps", f"[1, {errors.INT32_MAX}]", "3000000000"):
+    errors.check_int("train.steps", 3_000_000_000, 1, high=errors.INT32_MAX)
+  errors.check_int("train.steps", errors.INT32_MAX, 1, high=errors.INT32_MAX)
+  for bad in (1, 0, "True", None, 1.0):
+    with one_line_error("model.remat", "True or False"):
+      errors.check_bool("model.remat", bad)
+  errors.check_bool("model.remat", False)
+  for bad in (5, None, b"x"):
+    with one_line_error("train.init_from", "string"):
+      errors.check_str("train.init_from", bad)
+  with one_line_error("data.name", "non-empty string"):
+    errors.check_str("data.name", "", nonempty=True)
+  errors.check_str("train.init_from", "")
+
+
 def test_once_per_config_runs_a_passing_check_once_and_a_failing_one_every_time():
   calls = []
 
@@ -43,6 +72,8 @@ def test_once_per_config_runs_a_passing_check_once_and_a_failing_one_every_time(
   assert calls == [1, 1, 2, -1, -1]
   check([3]); check([3])  # unhashable: checked every time
   assert calls[-2:] == [[3], [3]]
+  check(True); check(1.0)  # equal to the passed 1 (and hashed alike), but other configs
+  assert calls[-2:] == [True, 1.0]
 
 
 def test_the_model_guard_at_trace_time_finds_the_config_checked(monkeypatch):

@@ -71,7 +71,7 @@ def assert_one_line_error(proc, *needles):
 
 @pytest.mark.parametrize("overrides, needles", [
     ({"moe.num_selected": 5}, ("moe.num_selected", "moe.num_experts")),
-    ({"model.d_model": -8}, ("model.d_model", ">= 1")),
+    ({"model.d_model": -8}, ("model.d_model", "[1, 2147483647]")),
     ({"moe.expert_hidden": 0}, ("moe.expert_hidden",)),
     ({"data.seq_len": 64}, ("data.seq_len", "model.max_len")),
     ({"data.name": "no_such_dataset_anywhere"}, ("data.name", "no_such_dataset_anywhere")),
@@ -80,9 +80,12 @@ def assert_one_line_error(proc, *needles):
     ({"train.upcycle": True}, ("train.upcycle", "train.init_from")),
     ({"train.init_from": "/nonexistent/run"}, ("train.init_from", "/nonexistent/run")),
     ({"train.min_lr_ratio": 2.0}, ("train.min_lr_ratio",)),
-    ({"train.upcycle_noise": -0.1}, ("train.upcycle_noise", "[0.0, inf]")),
+    ({"train.upcycle_noise": -0.1}, ("train.upcycle_noise", "[0.0, inf)")),
     ({"mesh.data": 3}, ("mesh",)),
     ({"moe.capacity_factor": -1.0}, ("moe.capacity_factor",)),
+    ({"model.first_moe_layer": 2}, ("model.first_moe_layer", "model.num_layers (2)")),
+    ({"model.vocab_size": 10}, ("model.vocab_size=10", "259")),  # after the tokenizer is built
+    ({"train.learning_rate": float("inf")}, ("train.learning_rate", "finite")),
 ])
 def test_bad_config_is_one_line_before_compiling(tiny_config, tmp_path, overrides, needles):
   expect_config_error(tiny_config(overrides), str(tmp_path / "run"), *needles)

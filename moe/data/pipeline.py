@@ -46,10 +46,11 @@ from moe import rundir
 from moe.data import sources
 from moe.data import packing
 from moe.data import tokenizers
-from moe.errors import ConfigError, check_choice, check_int, check_number
+from moe.errors import ConfigError, check_choice, check_int, check_number, check_str
 
 TOKENIZERS = ("byte", "sentencepiece")
 MAX_SP_VOCAB = 1 << 20
+MAX_WORKERS = 1024  # grain worker processes
 STATE_FORMAT = "moe.data/1"
 EVAL_SEED = 0  # the validation rows are the same for every train.seed
 
@@ -71,17 +72,21 @@ def data_dir_for(tfds_data_dir: str, workdir: str) -> str:
 def validate_data(d) -> None:
   """Every check of the `data` group `d` (one-line ConfigError naming the field), before anything
   is prepared. It reads nothing else: `data.seq_len <= model.max_len` and the split of
-  `train.batch_size` over processes are checked by `moe.train.checks.validate_config`."""
+  `train.batch_size` over processes are checked by `moe.train.checks.validate_config`; whether
+  the folders exist, by the preparation itself."""
   if not isinstance(d.name, str) or not d.name:
     raise ConfigError(f"data.name={d.name!r} must be one of {', '.join(sources.BUILTIN)} or a "
                       "TFDS text dataset name")
+  check_str("data.text_dir", d.text_dir)
+  if d.name == "textdir" and not d.text_dir:
+    raise ConfigError("data.text_dir is empty; data.name='textdir' needs a folder of text files")
+  check_str("data.tfds_data_dir", d.tfds_data_dir)
   check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
-  if d.tokenizer == "sentencepiece":
-    check_int("data.sp_vocab_size", d.sp_vocab_size, tokenizers.MIN_SP_VOCAB, high=MAX_SP_VOCAB)
-  check_int("data.seq_len", d.seq_len, 1)
+  check_int("data.sp_vocab_size", d.sp_vocab_size, tokenizers.MIN_SP_VOCAB, high=MAX_SP_VOCAB)
+  check_int("data.seq_len", d.seq_len, 1)  # <= model.max_len, checked by validate_config
   check_number("data.validation_fraction", d.validation_fraction, 0.0, 1.0, low_open=True,
                high_open=True)
-  check_int("data.num_workers", d.num_workers, 0)
+  check_int("data.num_workers", d.num_workers, 0, high=MAX_WORKERS)
 
 
 # ----------------------------------------------------------------------------- preparation

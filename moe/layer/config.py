@@ -2,7 +2,8 @@
 
 `configs/*.py` are `ml_collections` files; the layer never sees a ConfigDict: `moe_config_from`
 turns the `moe` group into `MoeConfig`, and `validate_moe` checks every field a user can get
-wrong, raising `ConfigError` with one line that names the field and the allowed values.
+wrong, raising `ConfigError` with one line that names the field and the allowed values (numbers
+finite, integers within int32, flags True or False).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from moe.errors import (ConfigError, check_choice, check_fields, check_int, check_number,
-                        check_positive, once_per_config)
+from moe.errors import (INT32_MAX, ConfigError, check_bool, check_choice, check_fields, check_int,
+                        check_number, check_positive, once_per_config)
 
 ROUTERS = ("token_choice", "expert_choice")
 PRIORITIES = ("choice_major", "bpr")
@@ -62,23 +63,25 @@ def moe_config_from(moe_cfg) -> MoeConfig:
 def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> None:
   """Every check on one MoE layer's settings (once per config). Raises ConfigError (one line)."""
   for f in ("num_experts", "num_selected", "expert_hidden"):
-    check_int(f"{prefix}.{f}", getattr(m, f), 1)
+    check_int(f"{prefix}.{f}", getattr(m, f), 1, high=INT32_MAX)
   if m.num_selected > m.num_experts:
     raise ConfigError(f"{prefix}.num_selected (K={m.num_selected}) must be <= "
                       f"{prefix}.num_experts (E={m.num_experts})")
   check_positive(f"{prefix}.capacity_factor", m.capacity_factor, allow_none=True)
   check_positive(f"{prefix}.eval_capacity_factor", m.eval_capacity_factor, allow_none=True)
-  check_int(f"{prefix}.min_capacity", m.min_capacity, 0)
-  check_int(f"{prefix}.group_size", m.group_size, 1, allow_none=True)
+  check_int(f"{prefix}.min_capacity", m.min_capacity, 0, high=INT32_MAX)
+  check_int(f"{prefix}.group_size", m.group_size, 1, high=INT32_MAX, allow_none=True)
   check_choice(f"{prefix}.router", m.router, ROUTERS)
   check_choice(f"{prefix}.priority", m.priority, PRIORITIES)
   check_choice(f"{prefix}.expert_mlp", m.expert_mlp, EXPERT_MLPS)
   check_choice(f"{prefix}.dispatch", m.dispatch, DISPATCHES)
   check_choice(f"{prefix}.router_dtype", m.router_dtype, DTYPES)
   check_number(f"{prefix}.jitter_eps", m.jitter_eps, 0.0, 1.0, high_open=True)
-  check_int(f"{prefix}.num_shared_experts", m.num_shared_experts, 0)
+  check_int(f"{prefix}.num_shared_experts", m.num_shared_experts, 0, high=INT32_MAX)
   for f in ("load_balance_weight", "z_loss_weight", "bias_rate"):
     check_number(f"{prefix}.{f}", getattr(m, f), 0.0, math.inf)
+  for f in ("allow_noncausal_routing", "renormalize", "bias_balancing"):
+    check_bool(f"{prefix}.{f}", getattr(m, f))
   if causal and not m.allow_noncausal_routing:
     if m.router == "expert_choice":
       raise ConfigError(f"{prefix}.router='expert_choice' reads future tokens in a causal decoder; "

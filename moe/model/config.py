@@ -3,14 +3,18 @@
 `model_config_from(cfg)` turns the `model` and `moe` groups of an `ml_collections` config into
 `ModelConfig` (with a `MoeConfig` inside, or None for a dense model); `validate_model` checks every
 model field a user can get wrong, raising `ConfigError` with one line; `validate_model_groups(cfg)`
-runs it on a config's groups before the tokenizer (and so the vocabulary size) is known.
+runs it on a config's groups before the tokenizer (and so the vocabulary size) is known, and
+`check_vocab_size(cfg, n)` once it is: an explicit `model.vocab_size` below the tokenizer's `n`
+ids would index past the embedding table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moe.errors import ConfigError, check_choice, check_fields, check_int, once_per_config
+from moe.errors import (INT32_MAX, ConfigError, check_bool, check_choice, check_fields, check_int,
+                        check_number, check_positive, once_per_config)
 from moe.layer.config import DTYPES, EXPERT_MLPS, MoeConfig, moe_config_from, validate_moe
 
 
@@ -52,9 +56,11 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
   """The `model` and `moe` groups of a config -> ModelConfig (moe=None when cfg.moe.enabled is off)."""
   d = dict(cfg.model)
   check_fields("model", d, ModelConfig)
-  if vocab_size is not None and d.get("vocab_size", -1) in (-1, 0, None):
+  if vocab_size is not None and _from_tokenizer(d.get("vocab_size", -1)):
     d["vocab_size"] = vocab_size
-  moe = moe_config_from(cfg.moe) if cfg.moe.get("enabled", True) else None
+  enabled = cfg.moe.get("enabled", True)
+  check_bool("moe.enabled", enabled)
+  moe = moe_config_from(cfg.moe) if enabled else None
   return ModelConfig(moe=moe, **d)
 
 
@@ -62,6 +68,21 @@ def model_config_from(cfg, vocab_size: int | None = None) -> ModelConfig:
 # validate_model asks nothing of it but a positive integer, which every tokenizer's size is, so
 # the config is checked with this stand-in, before any data is prepared, and not again after.
 VOCAB_STAND_IN = 259
+
+
+def _from_tokenizer(vocab_size) -> bool:
+  """model.vocab_size -1 (or 0, None): the tokenizer's size."""
+  return vocab_size is None or (type(vocab_size) is int and vocab_size in (-1, 0))
+
+
+def check_vocab_size(cfg, tokenizer_vocab_size: int) -> None:
+  """An explicit `model.vocab_size` must hold every id of the tokenizer (called once the tokenizer
+  exists, before anything is compiled). Raises ConfigError (one line)."""
+  v = cfg.model.get("vocab_size", -1)
+  if not _from_tokenizer(v) and v < tokenizer_vocab_size:
+    raise ConfigError(f"model.vocab_size={v} is smaller than the tokenizer's "
+                      f"{tokenizer_vocab_size} ids (data.tokenizer={cfg.data.tokenizer!r}); use "
+                      "-1 to take the tokenizer's size")
 
 
 def validate_model_groups(cfg) -> None:
@@ -77,18 +98,26 @@ def validate_model(mc: ModelConfig) -> None:
   (one line)."""
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "max_len", "moe_interval"):
-    check_int(f"model.{f}", getattr(mc, f), 1)
+    check_int(f"model.{f}", getattr(mc, f), 1, high=INT32_MAX)
   if mc.num_heads % mc.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads ({mc.num_kv_heads}) must divide model.num_heads "
                       f"({mc.num_heads})")
-  check_int("model.first_moe_layer", mc.first_moe_layer, 0)
+  check_int("model.first_moe_layer", mc.first_moe_layer, 0, high=INT32_MAX)
+  if mc.moe is not None and mc.first_moe_layer >= mc.num_layers:
+    raise ConfigError(f"model.first_moe_layer ({mc.first_moe_layer}) must be < model.num_layers "
+                      f"({mc.num_layers}) with moe.enabled=True, or the model has no MoE block")
+  for f in ("scan_layers", "remat", "attention_bias", "tie_embeddings"):
+    check_bool(f"model.{f}", getattr(mc, f))
+  check_number("model.norm_eps", mc.norm_eps, 0.0, math.inf, low_open=True)
+  check_number("model.rope_theta", mc.rope_theta, 0.0, math.inf, low_open=True)
+  check_positive("model.logits_soft_cap", mc.logits_soft_cap, allow_none=True)
   check_choice("model.dtype", mc.dtype, DTYPES)
   check_choice("model.norm", mc.norm, ("rms", "layer"))
   check_choice("model.positions", mc.positions, ("rope", "learned"))
   check_choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
   if mc.positions == "rope" and mc.head_dim % 2:
     raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")
-  check_int("model.sliding_window", mc.sliding_window, 1, allow_none=True)
+  check_int("model.sliding_window", mc.sliding_window, 1, high=INT32_MAX, allow_none=True)
   if mc.scan_layers and mc.moe is not None and (mc.moe_interval != 1 or mc.first_moe_layer != 0):
     raise ConfigError(
         "model.scan_layers=True needs identical blocks: use moe_interval=1 and first_moe_layer=0 "

@@ -13,7 +13,10 @@ each runs once. `validate_config(cfg)` runs them all, in this order (the first e
 
 Steps 1-4 read only the config (`validate_fields`: a sweep checks every run with them while it
 expands); 5-6 read the disk and the devices (`validate_environment`). Later phases check what needs
-more: `check_workdir` the run folder, `check_divisible` the abstract params on the mesh.
+more: `check_workdir` the run folder, `moe.model.config.check_vocab_size` an explicit
+`model.vocab_size` against the tokenizer, `check_divisible` the abstract params on the mesh.
+Numbers are finite and integers bounded (`moe.errors`): train step counts by the int32 step
+counter, `train.seed` by what `jax.random.PRNGKey` keeps.
 """
 
 from __future__ import annotations
@@ -28,17 +31,21 @@ from jax.sharding import NamedSharding
 from moe import sharding as sharding_lib
 from moe import trees
 from moe.data.pipeline import validate_data
-from moe.errors import ConfigError, check_choice, check_int, check_number
+from moe.errors import (INT32_MAX, SEED_MAX, ConfigError, check_bool, check_choice, check_int,
+                        check_number, check_str)
 from moe.model.config import validate_model_groups
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
 
 GROUPS = ("model", "moe", "train", "data", "mesh")
-# train fields that are integers >= the bound.
-TRAIN_INTS = (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1),
-              ("eval_every", 1), ("eval_batches", 0), ("checkpoint_every", 1),
-              ("keep_checkpoints", 1), ("seed", 0))
-# train fields that are numbers in an interval: (name, low, high, low_open, high_open).
+# train fields that are integers in [low, high]: step counts fit the int32 step counter on the
+# device, the seed what jax.random.PRNGKey keeps of it.
+TRAIN_INTS = (("steps", 1, INT32_MAX), ("batch_size", 1, INT32_MAX),
+              ("warmup_steps", 0, INT32_MAX), ("log_every", 1, INT32_MAX),
+              ("eval_every", 1, INT32_MAX), ("eval_batches", 0, INT32_MAX),
+              ("checkpoint_every", 1, INT32_MAX), ("keep_checkpoints", 1, INT32_MAX),
+              ("seed", 0, SEED_MAX))
+# train fields that are finite numbers in an interval: (name, low, high, low_open, high_open).
 TRAIN_NUMBERS = (("learning_rate", 0.0, math.inf, True, False),
                  ("min_lr_ratio", 0.0, 1.0, False, False),
                  ("weight_decay", 0.0, math.inf, False, False),
@@ -68,17 +75,24 @@ def validate_fields(cfg) -> None:
 
 
 def check_train(cfg) -> None:
-  """Step 3: the `train` group (and, for train.upcycle, whether moe is enabled)."""
+  """Step 3: the `train` group (and, for train.upcycle and train.trainable, whether moe is
+  enabled)."""
   t = cfg.train
-  for name, low in TRAIN_INTS:
-    check_int(f"train.{name}", t[name], low)
+  for name, low, high in TRAIN_INTS:
+    check_int(f"train.{name}", t[name], low, high=high)
   for name, low, high, low_open, high_open in TRAIN_NUMBERS:
     check_number(f"train.{name}", t[name], low, high, low_open=low_open, high_open=high_open)
   check_choice("train.trainable", t.trainable, step_lib.TRAINABLE)
+  check_str("train.init_from", t.init_from)
+  check_bool("train.upcycle", t.upcycle)
+  moe_enabled = cfg.moe.get("enabled", True)
   if t.upcycle and not t.init_from:
     raise ConfigError("train.upcycle=True needs train.init_from (the dense checkpoint to upcycle)")
-  if t.upcycle and not cfg.moe.get("enabled", True):
+  if t.upcycle and not moe_enabled:
     raise ConfigError("train.upcycle=True needs moe.enabled=True (the MoE model to build)")
+  if t.trainable in ("moe", "router_frozen") and not moe_enabled:
+    raise ConfigError(f"train.trainable={t.trainable!r} needs moe.enabled=True (a dense model "
+                      "has no MoE parameters); use 'all' or 'non_moe'")
 
 
 def validate_environment(cfg, num_devices: int | None = None,

@@ -6,7 +6,8 @@ Phases, in order (each one a few lines below):
                   `moe.train.checks.validate_config` (model/MoE, train and data fields,
                   train.init_from, the mesh against the devices, batch and widths), the workdir
   2. mesh         `moe.sharding.make_mesh(cfg.mesh)`
-  3. data         `moe.data.pipeline.make_data` (tokenizer, packed rows, iterator, eval batches)
+  3. data         `moe.data.pipeline.make_data` (tokenizer, packed rows, iterator, eval batches);
+                  then an explicit `model.vocab_size` must hold the tokenizer's ids
   4. shapes       `jax.eval_shape` of the model's init: the abstract params and `moe_bias`
   5. shardings    logical axis names -> `NamedSharding`s through `moe.sharding.LOGICAL_RULES`
   6. checkpoint   resume target: the newest checkpoint in `workdir/checkpoints` (or
@@ -45,7 +46,7 @@ from moe import sharding as sharding_lib
 from moe import trees
 from moe.data import pipeline as data_lib
 from moe.errors import ConfigError
-from moe.model.config import model_config_from
+from moe.model.config import check_vocab_size, model_config_from
 from moe.model.transformer import Transformer, active_params, count_params
 from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
@@ -102,7 +103,8 @@ def setup(cfg, workdir: str) -> Setup:
   # 3. data
   data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
                             process_count=jax.process_count())
-  # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN).
+  # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN); now the real one.
+  check_vocab_size(cfg, data.tokenizer.vocab_size)
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
   model = Transformer(model_cfg)
   # 4. shapes

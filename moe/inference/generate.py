@@ -31,6 +31,7 @@ tokens coloured by their top-1 expert per layer, plus each expert's share of the
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any, Sequence
 
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.data.tokenizers import ByteTokenizer
-from moe.errors import ConfigError
+from moe.errors import INT32_MAX, SEED_MAX, ConfigError, check_int, check_number
 from moe.inference import routing_view
 from moe.layer import sown
 from moe.model.config import model_config_from, validate_model_groups
@@ -325,10 +326,7 @@ def main(cfg, workdir: str | None = None, *, prompt: str | None = None, show_rou
   if isinstance(stop, str):
     stop = [s for s in stop.split(",") if s] if stop else []
   stop = [_unescape(s) for s in stop]
-  if not 0.0 < float(top_p) <= 1.0:
-    raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-  if float(temperature) < 0:
-    raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
   if prompt is not None and not prompt.strip():
     raise ConfigError("--prompt is empty: give some text to continue (or leave --prompt out for "
                       "an interactive prompt)")
@@ -351,6 +349,14 @@ def main(cfg, workdir: str | None = None, *, prompt: str | None = None, show_rou
       continue
     texts.append(_one(gen, workdir, line, **kw).text)
   return texts
+
+
+def check_sampling(*, max_new_tokens, temperature, top_p, seed) -> None:
+  """The generation flags, before any model work: ConfigError (one line) naming the flag."""
+  check_int("--max_new_tokens", max_new_tokens, 1, high=INT32_MAX)
+  check_number("--temperature", temperature, 0.0, math.inf)  # 0 = greedy
+  check_number("--top_p", top_p, 0.0, 1.0, low_open=True)
+  check_int("--seed", seed, 0, high=SEED_MAX)
 
 
 def _unescape(s: str) -> str:

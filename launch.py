@@ -31,6 +31,10 @@ import logging as std_logging
 import os
 import re
 import sys
+import tempfile
+
+# TensorFlow's C++ INFO/WARNING lines off (set before the first TF import: clu, TFDS).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
@@ -184,6 +188,7 @@ def run(cfg) -> int:
     maybe_initialize_distributed()
     workdir = _WORKDIR.value
     if "sweep" in cfg:
+      import_tensorflow_quietly()
       if _MODE.value != "train":
         raise UserError("a sweep config runs with --mode=train only")
       from moe.sweep import runner as sweep
@@ -192,6 +197,7 @@ def run(cfg) -> int:
     if _SWEEP_SHARD.value != "0/1":
       raise UserError(f"--sweep_shard={_SWEEP_SHARD.value} needs a sweep config (one with a "
                       "top-level `sweep` group)")
+    import_tensorflow_quietly()  # the training stack (clu, TFDS) imports it
     if _MODE.value == "complete":
       from moe.inference import generate
       generate.main(flags.FLAGS)
@@ -207,6 +213,36 @@ def run(cfg) -> int:
   except (ConfigError, UserError) as e:
     fail(str(e))
   return 0
+
+
+TF_BANNER = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+             "oneDNN custom operations are on", "This TensorFlow binary is optimized",
+             "To enable the following instructions", "Unable to register cu")
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its start-up banner dropped: it logs through absl's C++ logging
+  before that is initialized (a warning saying so, then the oneDNN notice, once per shared
+  library), straight to file descriptor 2, which TF_CPP_MIN_LOG_LEVEL does not reach. The
+  import runs with fd 2 sent to a temporary file; every other line is passed on to stderr."""
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      pass  # the stack that needs it reports that itself
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines()
+  rest = [l for l in lines if l.strip() and not any(b in l for b in TF_BANNER)]
+  if rest:
+    print("\n".join(rest), file=sys.stderr, flush=True)
 
 
 class QuietLibraries(std_logging.Filter):

@@ -86,6 +86,8 @@ def get_config():
   c.train.upcycle = False  # with init_from: turn a dense checkpoint into this MoE
   c.train.upcycle_noise = 0.0  # relative noise added to upcycled expert copies
   c.train.trainable = "all"  # all | non_moe | moe | router_frozen
+  c.train.profile_steps = ""  # "start:end": jax.profiler trace of those steps ("" = off)
+  c.train.wandb_project = ""  # Weights & Biases project, if wandb is installed ("" = off)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "pystdlib"  # pystdlib | pystdlib_test | textdir | any TFDS text dataset name

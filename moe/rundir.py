@@ -9,6 +9,8 @@ A training run's workdir (`launch.py --workdir`, or `<sweep workdir>/<member>/se
 - `config.json`: the config of the run (the sweep runner; `moe.convert` writes the `model` and
   `moe` groups of a converted checkpoint);
 - `checkpoints/<step>/`: the checkpoints (`moe.train.checkpoint`);
+- `load.png`: each MoE layer's load per expert over training (`moe.train.load_plot`), and
+  `profile/`: the `jax.profiler` trace of `train.profile_steps` (TensorBoard's profile plugin);
 - `hf_tokenizer/`: the tokenizer a conversion left beside its checkpoint (`moe.convert`), which
   `moe.inference.generate` prefers to the data config's;
 - in a sweep, `sweep_run.json` (machine, wall time, error: the runner) and `eval_<name>.json`
@@ -48,6 +50,8 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 HF_TOKENIZER_DIR = "hf_tokenizer"
+LOAD_PLOT_FILE = "load.png"
+PROFILE_DIR = "profile"
 RUN_INFO_FILE = "sweep_run.json"
 SWEEP_FILE = "sweep.json"
 

@@ -36,6 +36,7 @@ from moe.errors import (INT32_MAX, SEED_MAX, ConfigError, check_bool, check_choi
 from moe.model.config import validate_model_groups
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
+from moe.train.profiling import parse_profile_steps
 
 GROUPS = ("model", "moe", "train", "data", "mesh")
 # train fields that are integers in [low, high]: step counts fit the int32 step counter on the
@@ -93,6 +94,20 @@ def check_train(cfg) -> None:
   if t.trainable in ("moe", "router_frozen") and not moe_enabled:
     raise ConfigError(f"train.trainable={t.trainable!r} needs moe.enabled=True (a dense model "
                       "has no MoE parameters); use 'all' or 'non_moe'")
+  check_profile_steps(t)
+  check_str("train.wandb_project", t.get("wandb_project", ""))
+
+
+def check_profile_steps(t) -> None:
+  """`train.profile_steps`: "" (off) or "start:end" with 0 < start < end <= train.steps."""
+  spec = t.get("profile_steps", "")
+  try:
+    window = parse_profile_steps(spec)
+  except ValueError:
+    window = (0, 0)
+  if window is not None and not 0 < window[0] < window[1] <= t.steps:
+    raise ConfigError(f'train.profile_steps must be "start:end" with 0 < start < end <= '
+                      f'train.steps ({t.steps}), or "" (off); got {spec!r}')
 
 
 def validate_environment(cfg, num_devices: int | None = None,

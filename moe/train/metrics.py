@@ -14,6 +14,12 @@ A record (one JSON object per logged step in `workdir/metrics.jsonl`) holds:
 - `moe/<metric>`: the mean of each per-layer metric over layers, and `moe/dead_experts` (summed);
 - after an evaluation: `eval_loss`, `eval_cross_entropy`, `eval_bits_per_byte` (sum of nats /
   ln 2 / sum of the UTF-8 bytes the target tokens stand for), `eval_moe/dropped_fraction`, ...
+- `tflops_per_device` (model FLOPs, `moe.model.flops`, per second and device over the window)
+  and `mfu` (that over the device's peak, `moe.train.peaks`; absent when the peak is unknown).
+
+Where records go: metrics.jsonl; TensorBoard (every scalar, and each layer's `load` as a
+histogram `moe/layer_<i>/load`); Weights & Biases when `train.wandb_project` is set and `wandb`
+is importable; the console gets only the progress line (`MetricsLog.progress`).
 """
 
 from __future__ import annotations
@@ -78,17 +84,26 @@ def _fmt_time(seconds: float) -> str:
 
 
 class MetricsLog:
-  """Writes records to metrics.jsonl and the CLU writers (process 0 only), prints progress."""
+  """Writes records to metrics.jsonl, TensorBoard and W&B (process 0 only), prints progress.
 
-  def __init__(self, workdir: str, *, total_steps: int, primary: bool):
+  The progress line is the project's own rather than `clu.periodic_actions.ReportProgress`:
+  that action measures steps/s between its calls (evaluation and checkpoint time included,
+  while ours comes from `Stopwatch`, which excludes them), reports through work-unit notes (a
+  second console line per logged step) and knows nothing of the loss, load or MFU that the
+  line carries.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, primary: bool,
+               wandb_project: str = "", config: dict | None = None):
     from clu import metric_writers  # imports TensorFlow for TensorBoard: only when training
     self.path = rundir.join(workdir, METRICS_FILE)  # local or gs:// (CLU's writers too)
     self.total_steps = total_steps
     self.primary = primary
-    # Headline scalars: console + TensorBoard. Per-layer scalars: TensorBoard only (dozens of
-    # them would bury the console).
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
-    self.layer_writer = metric_writers.SummaryWriter(workdir) if primary else None
+    # TensorBoard only: the console gets the progress line, not CLU's logging writer.
+    self.writer = metric_writers.SummaryWriter(workdir) if primary else None
+    self.wandb = None
+    if primary and wandb_project:
+      self.wandb = wandb_writer(wandb_project, workdir, config)
 
   def truncate_after(self, step: int) -> None:
     """On resume from `step`: drop records of steps that will be trained again."""
@@ -99,40 +114,104 @@ class MetricsLog:
 
   def write(self, step: int, record: dict) -> None:
     record = {"step": int(step), **record}
-    if self.primary:
-      append_metrics(self.path, record)
+    if not self.primary:
+      return
+    append_metrics(self.path, record)
     scalars = {k: v for k, v in record.items()
                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    per_layer = {k: v for k, v in scalars.items() if k.startswith("moe/layer_")}
-    self.writer.write_scalars(int(step), {k: v for k, v in scalars.items() if k not in per_layer})
+    loads = {k: np.asarray(v, np.float64) for k, v in record.items()
+             if k.startswith("moe/layer_") and k.endswith("/load") and isinstance(v, list)}
+    self.writer.write_scalars(int(step), scalars)
+    if loads:
+      self.writer.write_histograms(int(step), loads)
     self.writer.flush()
-    if self.layer_writer is not None and per_layer:
-      self.layer_writer.write_scalars(int(step), per_layer)
-      self.layer_writer.flush()
+    if self.wandb is not None:
+      self.wandb.write_scalars(int(step), scalars)
 
   def progress(self, step: int, record: dict, *, steps_per_s: float) -> None:
-    eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    parts = [f"step {step}/{self.total_steps}"]
-    for key, label in (("loss", "loss"), ("cross_entropy", "ce"), ("eval_loss", "eval_loss"),
-                       ("eval_bits_per_byte", "eval_bpb")):
-      if key in record:
-        parts.append(f"{label} {record[key]:.4f}")
-    if "moe/max_over_mean_load" in record:
-      parts.append(f"max/mean load {record['moe/max_over_mean_load']:.2f}")
-    if "learning_rate" in record:
-      parts.append(f"lr {record['learning_rate']:.2e}")
-    parts.append(f"{steps_per_s:.2f} steps/s")
-    if "tokens_per_s" in record:
-      parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-    parts.append(f"ETA {_fmt_time(eta)}")
     if self.primary:
-      logging.info("%s", " | ".join(parts))
+      logging.info("%s", progress_line(step, self.total_steps, record, steps_per_s))
 
   def close(self) -> None:
-    for w in (self.writer, self.layer_writer):
+    for w in (self.writer, self.wandb):
       if w is not None:
         w.flush()
         w.close()
+
+
+def progress_line(step: int, total_steps: int, record: dict, steps_per_s: float) -> str:
+  """`step 20/40 | loss 4.35 | ... | 0.56 steps/s | 2298 tok/s | 0.01 TFLOP/s/dev | MFU 9.1% |
+  ETA 0m36s`: the one console line of a logged step."""
+  eta = (total_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+  parts = [f"step {step}/{total_steps}"]
+  for key, label in (("loss", "loss"), ("cross_entropy", "ce"), ("eval_loss", "eval_loss"),
+                     ("eval_bits_per_byte", "eval_bpb")):
+    if key in record:
+      parts.append(f"{label} {record[key]:.4f}")
+  if "moe/max_over_mean_load" in record:
+    parts.append(f"max/mean load {record['moe/max_over_mean_load']:.2f}")
+  if "learning_rate" in record:
+    parts.append(f"lr {record['learning_rate']:.2e}")
+  parts.append(f"{steps_per_s:.2f} steps/s")
+  if "tokens_per_s" in record:
+    parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+  if "tflops_per_device" in record:
+    parts.append(f"{record['tflops_per_device']:.3g} TFLOP/s/dev")
+  if "mfu" in record:
+    parts.append(f"MFU {100 * record['mfu']:.1f}%")
+  parts.append(f"ETA {_fmt_time(eta)}")
+  return " | ".join(parts)
+
+
+class WandbWriter:
+  """Scalars to a Weights & Biases run (the `wandb` package is optional, imported here only)."""
+
+  def __init__(self, wandb, project: str, workdir: str, config: dict | None):
+    self.run = wandb.init(project=project, dir=workdir, name=os.path.basename(
+        os.path.normpath(workdir)), config=config or {})
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    self.run.log(dict(scalars), step=step)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self.run.finish()
+
+
+def wandb_writer(project: str, workdir: str, config: dict | None) -> WandbWriter | None:
+  """A W&B writer for `train.wandb_project`, or None (with a warning) without `wandb`."""
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    logging.warning("train.wandb_project=%r but the wandb package is not installed: "
+                    "metrics go to metrics.jsonl and TensorBoard only", project)
+    return None
+  return WandbWriter(wandb, project, workdir, config)
+
+
+def describe_data(info: dict) -> str:
+  """One start-up line about the prepared (or reused) data, from `Data.info`."""
+  parts = [f"data: {info.get('name', '?')}"]
+  for split in ("train", "validation"):
+    if f"{split}_rows" in info:
+      parts.append(f"{split} {info[f'{split}_rows']} rows / "
+                   f"{info.get(f'{split}_tokens', 0) / 1e6:.2f}M tokens")
+  parts.append(f"{info.get('tokenizer', '?')} tokenizer (V={info.get('vocab_size', '?')}), "
+               f"L={info.get('seq_len', '?')}")
+  if "prepare_seconds" in info:
+    parts.append(f"ready in {info['prepare_seconds']:.1f} s ({info.get('packed_dir', '')})")
+  return ", ".join(parts)
+
+
+def describe_model(num_params: int, num_active: int, flops_per_token: float, peak) -> str:
+  """One start-up line: parameters, active parameters per token, model FLOPs per token."""
+  line = (f"model: {num_params / 1e6:.2f}M params, {num_active / 1e6:.2f}M active per token, "
+          f"{flops_per_token / 1e6:.2f} MFLOPs per training token (fwd+bwd)")
+  if peak is not None:
+    line += f"; peak {peak.flops_per_s / 1e12:.3g} TFLOP/s per device ({peak.source})"
+  return line
 
 
 class Stopwatch:

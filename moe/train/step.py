@@ -31,20 +31,22 @@ MOE_KEYS = ("load_balance_loss", "z_loss", "aux_loss")
 
 def learning_rate_schedule(tc) -> Callable[[Any], jax.Array]:
   """Linear warmup to `learning_rate` over `warmup_steps` (update 0 already gets peak/warmup),
-  then cosine decay to `learning_rate * min_lr_ratio` at `steps`."""
+  then cosine decay to `learning_rate * min_lr_ratio` at `steps`, flat after that:
+
+      lr(s) = peak * (s + 1) / W                                       s < W
+      lr(s) = floor + (peak - floor) * (1 + cos(pi * min(s - W, T - W) / (T - W))) / 2    s >= W
+
+  with W = warmup_steps, T = steps (T - W at least 1) and floor = peak * min_lr_ratio; built
+  from optax's linear and cosine schedules."""
   peak = float(tc.learning_rate)
   warmup = int(tc.warmup_steps)
   total = int(tc.steps)
-  floor = peak * float(tc.min_lr_ratio)
-
-  def schedule(count):
-    s = jnp.asarray(count, jnp.float32)
-    warm = peak * (s + 1.0) / max(warmup, 1)
-    progress = jnp.clip((s - warmup) / max(total - warmup, 1), 0.0, 1.0)
-    decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(s < warmup, warm, decayed)
-
-  return schedule
+  decay = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=float(tc.min_lr_ratio))
+  if warmup <= 0:
+    return decay
+  # linear from peak/W at update 0 to peak at update W-1 (a constant peak when W = 1)
+  warm = optax.linear_schedule(peak / warmup, peak, warmup - 1)
+  return optax.join_schedules([warm, decay], [warmup])
 
 
 def _decays(path, leaf) -> bool:

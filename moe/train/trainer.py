@@ -21,8 +21,13 @@ Phases, in order (each one a few lines below):
   9. loop         train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
                   progress line; evaluation every `eval_every` and at the end; a checkpoint every
                   `checkpoint_every` and at the end; SIGTERM -> checkpoint and stop ("preempted");
-                  a non-finite loss stops the run ("diverged")
- 10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, wall time, steps
+                  a non-finite loss stops the run ("diverged"); records carry TFLOP/s per
+                  device and MFU; `train.profile_steps` traces a window of steps
+ 10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, TFLOP/s per
+                  device and MFU, wall time, steps; `workdir/load.png` (expert load per layer)
+
+The console gets one line per start-up phase (data, model size and FLOPs, compile time) and one
+progress line per logged step.
 
 Only process 0 writes metrics.jsonl, summary.json and TensorBoard files; every process writes
 its own shards of each checkpoint.
@@ -47,14 +52,18 @@ from moe import trees
 from moe.data import pipeline as data_lib
 from moe.errors import ConfigError
 from moe.model.config import check_vocab_size, model_config_from
+from moe.model.flops import flops_per_token
 from moe.model.transformer import Transformer, active_params, count_params
 from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train import checkpoint as ckpt_lib
+from moe.train import load_plot
 from moe.train import metrics as metrics_lib
+from moe.train import peaks
 from moe.train import step as step_lib
 from moe.train import upcycle
 from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
+from moe.train.profiling import ProfileWindow
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
@@ -103,6 +112,7 @@ def setup(cfg, workdir: str) -> Setup:
   # 3. data
   data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
                             process_count=jax.process_count())
+  logging.info("%s", metrics_lib.describe_data(data.info))
   # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN); now the real one.
   check_vocab_size(cfg, data.tokenizer.vocab_size)
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)
@@ -205,6 +215,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
     raise ConfigError(f"train.trainable={tc.trainable!r} leaves no parameter to train in this "
                       "model (e.g. 'moe' in a dense model)")
   abstract_state, state_shardings = _abstract_state(s, tx)
+  flops = _Flops(cfg, s)
 
   # 6. checkpoint: the newest one in the workdir (or init_from) must fit, before compiling.
   checkpointer = ckpt_lib.Checkpointer(rundir.join(workdir, CHECKPOINTS_DIR),
@@ -229,15 +240,18 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     train_step = train_step.lower(abstract_state, _batch_shapes(cfg, s)).compile()
     compile_s = time.time() - t_compile
+    logging.info("compiled the train step in %.1f s", compile_s)
     eval_step = jax.jit(step_lib.make_eval_step(s.model))
     eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
 
     # 9. loop
     loop = _Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
-                 last_saved=resume_step)
+                 last_saved=resume_step, flops=flops)
     state = loop.run(state, stop_at_step)
   checkpointer.close()
   loop.log.close()
+  if jax.process_index() == 0:
+    load_plot.write_load_plot(workdir)
 
   # 10. summary
   summary = {
@@ -246,8 +260,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
                        if loop.train_time > 0 else None),
       "train_time_s": round(loop.train_time, 3), "compile_time_s": round(compile_s, 3),
       "wall_time_s": round(time.time() - t_start, 3), "resumed_from_step": resume_step,
-      "num_params": count_params(s.abstract["params"]),
-      "num_active_params": active_params(s.model_cfg),
+      "num_params": flops.num_params, "num_active_params": flops.num_active,
+      **flops.summary(loop.train_steps, loop.train_time),
       "devices": jax.device_count(), "processes": jax.process_count(),
       "mesh": {k: int(v) for k, v in s.mesh.shape.items()}, "data": s.data.info,
   }
@@ -259,6 +273,32 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
 
 def _tokens_per_step(cfg) -> int:
   return cfg.train.batch_size * cfg.data.seq_len
+
+
+class _Flops:
+  """Model FLOPs of a training step (`moe.model.flops`) and the device's peak
+  (`moe.train.peaks`): TFLOP/s per device and MFU for the records and the summary."""
+
+  def __init__(self, cfg, s: Setup):
+    self.per_token = flops_per_token(s.model_cfg, cfg.data.seq_len).train
+    self.per_step = self.per_token * _tokens_per_step(cfg)
+    self.devices = jax.device_count()
+    self.peak = peaks.device_peak(jax.devices()[0], s.model_cfg.dtype)
+    self.num_params = count_params(s.abstract["params"])
+    self.num_active = active_params(s.model_cfg)
+    logging.info("%s", metrics_lib.describe_model(self.num_params, self.num_active,
+                                                  self.per_token, self.peak))
+
+  def rates(self, steps_per_s: float) -> dict:
+    return peaks.throughput(self.per_step, steps_per_s, self.devices, self.peak)
+
+  def summary(self, steps: int, seconds: float) -> dict:
+    out = {"train_flops_per_token": self.per_token,
+           "peak_tflops_per_device": self.peak.flops_per_s / 1e12 if self.peak else None,
+           "peak_source": self.peak.source if self.peak else None}
+    if seconds > 0:
+      out.update(self.rates(steps / seconds))
+    return out
 
 
 def _batch_shapes(cfg, s: Setup) -> dict:
@@ -320,11 +360,14 @@ class _Loop:
   """Phase 9: steps, logging windows, evaluation, checkpoints, preemption, divergence."""
 
   def __init__(self, cfg, workdir, s: Setup, checkpointer, train_step, eval_step, eval_batches,
-               *, last_saved):
-    self.cfg, self.s, self.checkpointer = cfg, s, checkpointer
+               *, last_saved, flops: _Flops):
+    self.cfg, self.s, self.checkpointer, self.flops = cfg, s, checkpointer, flops
     self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
-    self.log = metrics_lib.MetricsLog(workdir, total_steps=cfg.train.steps,
-                                      primary=jax.process_index() == 0)
+    self.log = metrics_lib.MetricsLog(
+        workdir, total_steps=cfg.train.steps, primary=jax.process_index() == 0,
+        wandb_project=cfg.train.get("wandb_project", ""),
+        config=cfg.to_dict() if cfg.train.get("wandb_project", "") else None)
+    self.profile = ProfileWindow(cfg.train.get("profile_steps", ""), workdir)
     self.status, self.step, self.last_eval = "completed", 0, {}
     self.last_saved = last_saved
     self.train_time, self.train_steps = 0.0, 0
@@ -342,8 +385,10 @@ class _Loop:
           self.status = "preempted"
           break
         batch = global_batch(next(self.s.data.train_iter), self.s.batch_sharding)
+        self.profile.before_step(self.step)
         state, m = self.train_step(state, batch)
         self.step += 1
+        self.profile.after_step(self.step, state)
         self.window.append(m)
         due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
         if not self._log_and_eval(state) or (due and not self._save(state)):
@@ -351,6 +396,7 @@ class _Loop:
           break
       if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
         self._diverged()
+    self.profile.stop()
     if self.status == "completed" and self.step == start_step and not self.last_eval:
       self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
                                 self.eval_batches)  # resumed a finished run: evaluate it
@@ -366,6 +412,7 @@ class _Loop:
       record = metrics_lib.summarize_window(host)
       record["steps_per_s"] = len(host) / elapsed
       record["tokens_per_s"] = len(host) * _tokens_per_step(self.cfg) / elapsed
+      record.update(self.flops.rates(record["steps_per_s"]))
       self.train_time += elapsed
       self.train_steps += len(host)
       self.window = []

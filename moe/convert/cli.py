@@ -4,9 +4,8 @@ r"""Convert Hugging Face checkpoints to this project's format and back.
   python -m moe.convert --from=WORKDIR --to_hf=DIR      # our MoE checkpoint -> Mixtral folder
         [--config=configs/x.py]                         # when WORKDIR has no config.json
 
-Import reads a local folder (`config.json` + `*.safetensors`, read with numpy: no PyTorch, no
-safetensors package; export writes the format the same way) and
-writes into WORKDIR:
+Import reads a local folder (`config.json` + `*.safetensors`, read by the `safetensors` package's
+numpy front end: no PyTorch; export writes the format the same way) and writes into WORKDIR:
 
 - `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`
   and `params`, no optimizer state; data item empty), so
@@ -31,14 +30,13 @@ import glob
 import importlib.util
 import json
 import os
-import struct
 import sys
 
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 from etils import epath
+from safetensors.numpy import load_file, save_file
 
 from moe.convert import layouts
 from moe.errors import ConfigError
@@ -53,61 +51,28 @@ from moe.train import checkpoint as ckpt_lib
 CONFIG_JSON = "config.json"  # a Hugging Face model folder's; our workdir's is CONFIG_FILE
 CONFIG_PY = "config.py"
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
 
 # ----------------------------------------------------------------------------- safetensors
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file as numpy arrays (bfloat16 via ml_dtypes).
-
-  The format: 8-byte little-endian header size, a JSON header {name: {dtype, shape,
-  data_offsets}}, then the raw bytes. Read directly so bfloat16 needs no framework."""
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    base = 8 + n
-  data = np.memmap(path, dtype=np.uint8, mode="r")
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    code = info["dtype"]
-    if code == "BF16":
-      dtype = np.dtype(ml_dtypes.bfloat16)
-    elif code in _DTYPES:
-      dtype = np.dtype(_DTYPES[code])
-    else:
-      raise ConfigError(f"{path}: tensor {name!r} has dtype {code}, which this converter cannot "
-                        f"read (supported: BF16, {', '.join(_DTYPES)})")
-    start, end = info["data_offsets"]
-    raw = data[base + start:base + end]
-    out[name] = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(info["shape"])
-  return out
+  """All tensors of one .safetensors file as numpy arrays (bfloat16 as ml_dtypes.bfloat16),
+  through the `safetensors` package's numpy front end; an unreadable file is a one-line
+  ConfigError naming it."""
+  try:
+    return dict(load_file(path))
+  except Exception as e:  # noqa: BLE001 - the Rust reader's errors have no common base class
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise ConfigError(f"{path}: not readable as safetensors ({type(e).__name__}: "
+                      f"{first})") from None
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
-  """The inverse of `read_safetensors` for numpy dtypes (names sorted, offsets contiguous)."""
-  codes = {np.dtype(v): k for k, v in _DTYPES.items()}
-  header, offset, arrays = {}, 0, []
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
-    if a.dtype not in codes:
-      raise ValueError(f"write_safetensors: {name} has unsupported dtype {a.dtype}")
-    header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with rundir.replacing(path) as tmp, open(tmp, "wb") as f:  # local or remote `path`
-    f.write(struct.pack("<Q", len(raw)) + raw)
-    for a in arrays:
-      f.write(a.tobytes())
+  """The inverse of `read_safetensors` (numpy dtypes and bfloat16; metadata values as text),
+  replacing `path` (local or remote) atomically."""
+  arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+  with rundir.replacing(path) as tmp:
+    save_file(arrays, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
 
 
 def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -267,7 +267,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   }
   if jax.process_index() == 0:
     write_json_atomic(rundir.join(workdir, SUMMARY_FILE), summary, indent=2)
-  logging.info("%s at step %d: %s", loop.status, loop.step, loop.last_eval)
+  logging.info("%s at step %d: eval_loss %s (%s)", loop.status, loop.step,
+               loop.last_eval.get("eval_loss"), rundir.join(workdir, SUMMARY_FILE))
   return summary
 
 

@@ -138,29 +138,35 @@ def test_mixtral_tied_sliding_window(tmp_path):
   assert rel_err(our_logits(work, toks), hf_logits(model, toks)) < 1e-4
 
 
-def test_bfloat16_safetensors_read(tmp_path):
+def test_bfloat16_safetensors_round_trip(tmp_path):
   import ml_dtypes
-  from safetensors.numpy import save_file
+  from safetensors.numpy import load_file, save_file
   x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
   path = str(tmp_path / "a.safetensors")
   save_file({"x": x, "y": np.ones(2, np.int64)}, path)
   got = convert.read_safetensors(path)
   np.testing.assert_array_equal(got["x"], x)
-  # Our writer is read back by the safetensors package.
-  from safetensors.numpy import load_file
+  # Our writer, bfloat16 included, is read back by the package and by our reader.
+  b = x.astype(ml_dtypes.bfloat16)
   ours = str(tmp_path / "ours.safetensors")
-  convert.write_safetensors(ours, {"b": x[:, :3], "a": np.arange(5, dtype=np.int32)}, {"k": 1})
+  convert.write_safetensors(ours, {"b": x[:, :3], "a": np.arange(5, dtype=np.int32), "w": b},
+                            {"k": 1})
   back = load_file(ours)
   np.testing.assert_array_equal(back["b"], x[:, :3])
   np.testing.assert_array_equal(back["a"], np.arange(5))
-  # A hand-written BF16 file (numpy's safetensors writer has no bfloat16).
-  b = x.astype(ml_dtypes.bfloat16)
-  header = json.dumps({"w": {"dtype": "BF16", "shape": [3, 4],
-                             "data_offsets": [0, b.nbytes]}}).encode()
-  with open(str(tmp_path / "b.safetensors"), "wb") as f:
-    f.write(struct.pack("<Q", len(header)) + header + b.tobytes())
-  got = convert.read_safetensors(str(tmp_path / "b.safetensors"))["w"]
-  np.testing.assert_array_equal(got.astype(np.float32), b.astype(np.float32))
+  w = convert.read_safetensors(ours)["w"]
+  assert w.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(w.astype(np.float32), b.astype(np.float32))
+  # The header says BF16, as Hugging Face files do.
+  with open(ours, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    assert json.loads(f.read(n))["w"]["dtype"] == "BF16"
+  # A file that is not safetensors: one line naming it.
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"not a safetensors file")
+  with pytest.raises(ConfigError, match="bad.safetensors") as e:
+    convert.read_safetensors(str(bad))
+  assert "\n" not in str(e.value)
 
 
 def test_unsupported_architecture_and_cli_errors(tmp_path):

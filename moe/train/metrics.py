@@ -158,7 +158,7 @@ def progress_line(step: int, total_steps: int, record: dict, steps_per_s: float)
   if "tflops_per_device" in record:
     parts.append(f"{record['tflops_per_device']:.3g} TFLOP/s/dev")
   if "mfu" in record:
-    parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"MFU {100 * record['mfu']:.3g}%")
   parts.append(f"ETA {_fmt_time(eta)}")
   return " | ".join(parts)
 

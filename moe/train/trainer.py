@@ -227,6 +227,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   # what lets activation constraints and the expert-parallel MoE layer see it.
   with sharding_lib.activate(s.mesh):
     # 7. init: sharded by construction; then the checkpoint, or init_from's params.
+    t_init = time.time()
     state = _initial_state(cfg, s, tx, state_shardings, fresh=resume_step is None)
     if resume_step is not None:
       state, data_state = checkpointer.restore(resume_step, abstract_state)
@@ -240,7 +241,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
     train_step = train_step.lower(abstract_state, _batch_shapes(cfg, s)).compile()
     compile_s = time.time() - t_compile
-    logging.info("compiled the train step in %.1f s", compile_s)
+    logging.info("state initialized in %.1f s; train step compiled in %.1f s",
+                 t_compile - t_init, compile_s)
     eval_step = jax.jit(step_lib.make_eval_step(s.model))
     eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
 
@@ -267,8 +269,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   }
   if jax.process_index() == 0:
     write_json_atomic(rundir.join(workdir, SUMMARY_FILE), summary, indent=2)
-  logging.info("%s at step %d: eval_loss %s (%s)", loop.status, loop.step,
-               loop.last_eval.get("eval_loss"), rundir.join(workdir, SUMMARY_FILE))
+  logging.info("%s at step %d: eval_loss %.4f (%s)", loop.status, loop.step,
+               loop.last_eval.get("eval_loss", float("nan")), rundir.join(workdir, SUMMARY_FILE))
   return summary
 
 

@@ -88,6 +88,33 @@ def test_run_reports_mfu_profile_load_and_wandb(tiny_config, tmp_path, monkeypat
   assert fake.logged[-1][1]["eval_loss"] == records[-1]["eval_loss"]
 
 
+@pytest.mark.slow  # a tiny run through launch.py (~30-60 s on 2 busy cores)
+def test_console_is_one_line_per_phase_and_step(tmp_path, tiny_flags):
+  """launch.py prints no TensorFlow banner, no CLU scalar dump: the start-up phases (data,
+  model, state and compile) once each, then one progress line per logged step."""
+  import re
+  import subprocess
+  from conftest import REPO
+  args = ["--config=configs/default.py", f"--workdir={tmp_path}",
+          *tiny_flags({"train.steps": 6, "train.log_every": 2, "train.profile_steps": "2:3"})]
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *args], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for noise in ("oneDNN", "InitializeLog", "logging_writer", "cpu_feature_guard"):
+    assert noise not in proc.stderr, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("I")]  # absl INFO lines
+  expected = [r"trainer.py:\d+\] data: textdir, train \d+ rows",
+              r"trainer.py:\d+\] model: [\d.]+M params, [\d.]+M active per token",
+              r"trainer.py:\d+\] state initialized in [\d.]+ s; train step compiled in",
+              *[rf"metrics.py:\d+\] step {s}/6 \| loss .* TFLOP/s/dev \| MFU" for s in (2, 4, 6)],
+              r"trainer.py:\d+\] completed at step 6: eval_loss"]
+  assert len(lines) == len(expected), "\n".join(lines)
+  for line, pattern in zip(lines, expected):
+    assert re.search(pattern, line), (pattern, line)
+  assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+
+
 def test_wandb_missing_is_not_an_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
   log = metrics_lib.MetricsLog(str(tmp_path), total_steps=2, primary=True,

@@ -8,11 +8,11 @@ end of a run; `write_load_plot(workdir)` redraws it for any run folder.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
+from moe import rundir
 from moe.rundir import LOAD_PLOT_FILE, METRICS_FILE, read_metrics, replacing
 
 _LOAD_KEY = re.compile(r"^moe/layer_(\d+)/load$")
@@ -35,8 +35,8 @@ def load_history(records: list[dict]) -> tuple[list[int], dict[int, np.ndarray]]
 def write_load_plot(workdir: str) -> str | None:
   """Draws `workdir/load.png` from `workdir/metrics.jsonl`; returns its path, or None when the
   run logged no MoE load (a dense model, or no record yet)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = rundir.join(workdir, METRICS_FILE)  # local or remote, like the whole run folder
+  if not rundir.exists(path):
     return None
   steps, loads = load_history(read_metrics(path))
   if not loads:
@@ -58,7 +58,7 @@ def write_load_plot(workdir: str) -> str | None:
     fig.colorbar(image, ax=ax, fraction=0.03)
   axes[-1, 0].set_xlabel("step")
   fig.tight_layout()
-  out = os.path.join(workdir, LOAD_PLOT_FILE)
+  out = rundir.join(workdir, LOAD_PLOT_FILE)
   try:
     with replacing(out) as tmp:  # readers never see half a file
       fig.savefig(tmp, dpi=100)

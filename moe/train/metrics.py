@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from absl import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -167,8 +168,8 @@ class WandbWriter:
   """Scalars to a Weights & Biases run (the `wandb` package is optional, imported here only)."""
 
   def __init__(self, wandb, project: str, workdir: str, config: dict | None):
-    self.run = wandb.init(project=project, dir=workdir, name=os.path.basename(
-        os.path.normpath(workdir)), config=config or {})
+    self.run = wandb.init(project=project, dir=None if rundir.is_remote(workdir) else workdir,
+                          name=os.path.basename(os.path.normpath(workdir)), config=config or {})
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     self.run.log(dict(scalars), step=step)

@@ -24,8 +24,8 @@ import time
 
 # Dense matmul peaks in TFLOP/s per device (one chip; an A100/H100/H200 is one device) from the
 # vendors' spec sheets:
-#   TPU v4  275 bf16: cloud.google.com/tpu/docs/v4          TPU v5e 197: cloud.google.com/tpu/docs/v5e
-#   TPU v5p 459 bf16: cloud.google.com/tpu/docs/v5p         TPU v6e 918: cloud.google.com/tpu/docs/v6e
+#   TPU v4 275 bf16: cloud.google.com/tpu/docs/v4     TPU v5e 197: cloud.google.com/tpu/docs/v5e
+#   TPU v5p 459 bf16: cloud.google.com/tpu/docs/v5p   TPU v6e 918: cloud.google.com/tpu/docs/v6e
 #   A100 (SXM and PCIe) 312 bf16, 156 TF32: NVIDIA A100 Tensor Core GPU datasheet
 #   H100 SXM 989 bf16, 495 TF32; H100 PCIe 756 / 378: NVIDIA H100 Tensor Core GPU datasheet
 #   H200 (SXM) 989 bf16, 495 TF32: NVIDIA H200 Tensor Core GPU datasheet

@@ -9,11 +9,11 @@ results are ready. A run resumed past `start` traces nothing.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
 
+from moe import rundir
 from moe.rundir import PROFILE_DIR
 
 _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -34,7 +34,7 @@ class ProfileWindow:
 
   def __init__(self, spec: str, workdir: str):
     self.window = parse_profile_steps(spec)
-    self.directory = os.path.join(workdir, PROFILE_DIR)
+    self.directory = rundir.join(workdir, PROFILE_DIR)
     self.active = False
 
   def before_step(self, step: int) -> None:

@@ -270,7 +270,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   if jax.process_index() == 0:
     write_json_atomic(rundir.join(workdir, SUMMARY_FILE), summary, indent=2)
   logging.info("%s at step %d: eval_loss %.4f (%s)", loop.status, loop.step,
-               loop.last_eval.get("eval_loss", float("nan")), rundir.join(workdir, SUMMARY_FILE))
+               loop.last_eval.get("eval_loss", float("nan")),
+               rundir.join(workdir, SUMMARY_FILE))
   return summary
 
 

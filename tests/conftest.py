@@ -54,13 +54,16 @@ def one_line_error(*needles, exc=ConfigError, match=None):
     assert n in msg, (n, msg)
 
 
+TIMING_KEYS = ("tokens_per_s", "steps_per_s", "tflops_per_device", "mfu")
+
+
 def read_metrics(workdir, drop_timing: bool = False) -> list[dict]:
   """Every record of `workdir`/metrics.jsonl (a torn line fails the test); with drop_timing,
-  without the machine-dependent tokens_per_s and steps_per_s."""
+  without the machine-dependent TIMING_KEYS (throughput, FLOP/s, MFU)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   if drop_timing:
-    records = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "steps_per_s")}
+    records = [{k: v for k, v in r.items() if k not in TIMING_KEYS}
                for r in records]
   return records
 

@@ -113,6 +113,8 @@ ROWS = {
     "train.upcycle": [True],  # without train.init_from
     "train.upcycle_noise": [-0.1],
     "train.trainable": ["experts", ""],
+    "train.profile_steps": ["3:2", "0:5", "1:999", "2:", "abc"],  # train.steps is 500
+    "train.wandb_project": [],  # any string (the type check only)
     "data.name": [""],
     "data.text_dir": [],
     "data.tfds_data_dir": [],

@@ -20,8 +20,8 @@ _SPEC = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def parse_profile_steps(spec) -> tuple[int, int] | None:
-  """`"start:end"` -> (start, end); `""` / None -> None; anything else raises ValueError."""
-  if spec is None or spec == "":
+  """`"start:end"` -> (start, end); `""` -> None (off); anything else raises ValueError."""
+  if spec == "":
     return None
   m = _SPEC.match(spec) if isinstance(spec, str) else None
   if not m:

@@ -192,8 +192,9 @@ def wandb_writer(project: str, workdir: str, config: dict | None) -> WandbWriter
   return WandbWriter(wandb, project, workdir, config)
 
 
-def describe_data(info: dict) -> str:
-  """One start-up line about the prepared (or reused) data, from `Data.info`."""
+def describe_data(info: dict, since: float | None = None) -> str:
+  """One start-up line about the data, from `Data.info`: "prepared" when its packed rows were
+  written after `since` (a time.time() taken before building the data), else "reused"."""
   parts = [f"data: {info.get('name', '?')}"]
   for split in ("train", "validation"):
     if f"{split}_rows" in info:
@@ -202,7 +203,11 @@ def describe_data(info: dict) -> str:
   parts.append(f"{info.get('tokenizer', '?')} tokenizer (V={info.get('vocab_size', '?')}), "
                f"L={info.get('seq_len', '?')}")
   if "prepare_seconds" in info:
-    parts.append(f"ready in {info['prepare_seconds']:.1f} s ({info.get('packed_dir', '')})")
+    how = "ready"
+    stamp = os.path.join(info.get("packed_dir", ""), "info.json")  # the data dir is local
+    if since is not None and os.path.exists(stamp):
+      how = "prepared" if os.path.getmtime(stamp) >= since else "reused"
+    parts.append(f"{how} in {info['prepare_seconds']:.1f} s ({info.get('packed_dir', '')})")
   return ", ".join(parts)
 
 

@@ -3,7 +3,8 @@
 `device_peak(device, dtype) -> Peak | None`: the vendor's dense (no sparsity) matmul peak of a
 TPU / GPU named by `device.device_kind`, for the model's compute dtype; on a CPU, a peak measured
 once per machine by a short jitted float32 matmul benchmark and cached in
-`~/.cache/moe/cpu_peak.json`, keyed by CPU model, core count and jax version (later runs read it).
+`~/.cache/moe/cpu_peak.json`, keyed by CPU model, core count and jax version (later runs read it;
+delete the file to measure again, e.g. after measuring on a busy machine).
 None for an accelerator missing from the table: MFU is then left out, TFLOP/s still reported.
 
 `throughput(flops_per_step, steps_per_s, devices, peak)` -> the record fields

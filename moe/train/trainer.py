@@ -110,9 +110,10 @@ def setup(cfg, workdir: str) -> Setup:
   # 2. mesh
   mesh = make_mesh(cfg.mesh)
   # 3. data
+  t_data = time.time()
   data = data_lib.make_data(cfg, workdir=workdir, process_index=jax.process_index(),
                             process_count=jax.process_count())
-  logging.info("%s", metrics_lib.describe_data(data.info))
+  logging.info("%s", metrics_lib.describe_data(data.info, since=t_data))
   # Checked in 1 with a stand-in vocabulary (moe.model.config.VOCAB_STAND_IN); now the real one.
   check_vocab_size(cfg, data.tokenizer.vocab_size)
   model_cfg = model_config_from(cfg, vocab_size=data.tokenizer.vocab_size)

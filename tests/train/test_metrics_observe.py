@@ -104,7 +104,7 @@ def test_console_is_one_line_per_phase_and_step(tmp_path, tiny_flags):
   for noise in ("oneDNN", "InitializeLog", "logging_writer", "cpu_feature_guard"):
     assert noise not in proc.stderr, proc.stderr
   lines = [l for l in proc.stderr.splitlines() if l.startswith("I")]  # absl INFO lines
-  expected = [r"trainer.py:\d+\] data: textdir, train \d+ rows",
+  expected = [r"trainer.py:\d+\] data: textdir, train \d+ rows.* (prepared|reused) in",
               r"trainer.py:\d+\] model: [\d.]+M params, [\d.]+M active per token",
               r"trainer.py:\d+\] state initialized in [\d.]+ s; train step compiled in",
               *[rf"metrics.py:\d+\] step {s}/6 \| loss .* TFLOP/s/dev \| MFU" for s in (2, 4, 6)],
@@ -164,9 +164,19 @@ def test_progress_line_and_startup_lines():
                                     "validation_tokens": 1275531, "tokenizer": "byte",
                                     "vocab_size": 259, "seq_len": 256, "prepare_seconds": 0.6})
   assert data.startswith("data: pystdlib") and "train 44271 rows / 11.38M tokens" in data
+  assert "ready in 0.6 s" in data
   from moe.train.peaks import Peak
   model = metrics_lib.describe_model(3_479_424, 1_120_128, 2.5e7, Peak(1e11, "cpu"))
   assert "3.48M params" in model and "1.12M active" in model and "25.00 MFLOPs" in model
+
+
+def test_data_line_says_prepared_or_reused(tmp_path):
+  import time
+  before = time.time() - 1
+  (tmp_path / "info.json").write_text("{}")
+  info = {"name": "textdir", "prepare_seconds": 2.0, "packed_dir": str(tmp_path)}
+  assert "prepared in 2.0 s" in metrics_lib.describe_data(info, since=before)
+  assert "reused in 2.0 s" in metrics_lib.describe_data(info, since=time.time() + 1)
 
 
 def _reference_lr(s, peak, warmup, total, ratio):

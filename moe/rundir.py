@@ -6,13 +6,15 @@ A training run's workdir (`launch.py --workdir`, or `<sweep workdir>/<member>/se
   goes; a run killed mid-write may leave a torn last line, which readers skip;
 - `summary.json`: status and final metrics, written by the trainer at the end of a run (by the
   sweep runner instead when training raised);
-- `config.json`: the config of the run (the sweep runner; `moe.convert` writes the `model` and
-  `moe` groups of a converted checkpoint);
+- `config.json`: the resolved config of the run (`moe.runconfig`: written when training starts,
+  read back when no `--config` is given; `moe.convert` writes the `model` and `moe` groups of a
+  converted checkpoint);
 - `checkpoints/<step>/`: the checkpoints (`moe.train.checkpoint`);
 - `load.png`: each MoE layer's load per expert over training (`moe.train.load_plot`), and
   `profile/`: the `jax.profiler` trace of `train.profile_steps` (TensorBoard's profile plugin);
 - `hf_tokenizer/`: the tokenizer a conversion left beside its checkpoint (`moe.convert`), which
   `moe.inference.generate` prefers to the data config's;
+- `eval_<what>_step<N>.json`: `launch.py --mode=eval`'s result for checkpoint N;
 - in a sweep, `sweep_run.json` (machine, wall time, error: the runner) and `eval_<name>.json`
   (the extra evaluations); the sweep's own workdir holds `sweep.json`, the expanded sweep.
 
@@ -61,6 +63,12 @@ PathLike = Union[str, os.PathLike]
 def eval_file(name: str) -> str:
   """The file of a sweep run's extra evaluation `name`."""
   return f"eval_{name}.json"
+
+
+def eval_result_file(what: str, step: int) -> str:
+  """The file `launch.py --mode=eval` writes: the evaluation of `what` (validation, train,
+  file-<name>) at checkpoint `step`."""
+  return eval_file(f"{what}_step{step}")
 
 
 # ----------------------------------------------------------------------------- paths

@@ -1,16 +1,25 @@
-r"""Train a config, run a sweep, or complete a prompt with a trained model.
+r"""Train a config, run a sweep, evaluate a checkpoint or complete a prompt with a trained model.
 
   python launch.py --config=configs/default.py --workdir=runs/default
   python launch.py --config=configs/default.py --workdir=runs/e16 --config.moe.num_experts=16
   python launch.py --config=configs/ablations/capacity.py --workdir=runs/capacity --sweep_shard=0/2
-  python launch.py --config=configs/default.py --workdir=runs/default --mode=complete \
-      --prompt='def fib(n):' --show_routing
+  python launch.py --workdir=runs/e16                   # resume with the saved config.json
+  python launch.py --workdir=runs/default --mode=complete --prompt='def fib(n):' --show_routing
+  python launch.py --workdir=runs/default --mode=eval [--step=300 | --checkpoint=PATH]
+      [--eval_split=train | --eval_file=notes.txt]
 
 - `--config.<group>.<field>=<value>` overrides one field; an unknown field is an error (the
   config is locked). `--config.<group>.<field>=None` sets a field to None, e.g.
-  `--config.moe.capacity_factor=None` (dropless): ml_collections cannot parse "None" for a typed
-  field, so launch.py takes those flags out of argv before absl parses it and sets the fields
-  right after (the config's validation then says if None is not allowed there).
+  `--config.moe.capacity_factor=None` (dropless). Config loading is `moe.cli`'s (shared with
+  `python -m moe.convert`): a broken config file is one line too.
+- A run writes its resolved config to `<workdir>/config.json` (`moe.runconfig`); without
+  `--config`, resume, `--mode=complete` and `--mode=eval` use it (overrides still apply). A
+  `--config` that differs from it is refused in one line naming the fields, except those that
+  may change (`moe.runconfig.RESUME_MAY_CHANGE`: steps, logging/eval/checkpoint intervals, the
+  mesh, ...; `EVAL_MAY_CHANGE` for complete / eval).
+- `--mode=eval` (`moe.train.evaluate`): cross-entropy, bits per byte, perplexity, drop fraction
+  and per-layer load of a checkpoint on the validation split, `--eval_split` or `--eval_file`;
+  writes `<workdir>/eval_<what>_step<N>.json` and prints one line.
 - A config with a top-level `sweep` group is a sweep (`moe.sweep.runner.run`); `--sweep_shard=i/n`
   runs the i-th of n round-robin slices, so n machines can share one sweep.
 - Several processes (multi-host): `--coordinator_address=host:port --num_processes=N
@@ -26,10 +35,8 @@ else is a crash with its traceback.
 
 from __future__ import annotations
 
-import importlib.util
 import logging as std_logging
 import os
-import re
 import sys
 import tempfile
 
@@ -40,18 +47,25 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from moe import cli
 from moe.errors import ConfigError
 from moe.rundir import SUMMARY_FILE
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/default.py; override fields with "
-    "--config.<group>.<field>=<value>.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "complete"],
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary, "
+                               "config.json.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "complete", "eval"],
                           "train: train (or resume) the config; complete: continue --prompt with "
-                          "the newest checkpoint in --workdir.")
+                          "the newest checkpoint in --workdir; eval: evaluate a checkpoint.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: newest).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "--mode=eval: a checkpoint (workdir, checkpoints/ or a step "
+                                  "directory) instead of --workdir's newest.")
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", None,
+                                  "--mode=eval: the data split to evaluate (default validation).")
+_EVAL_FILE = flags.DEFINE_string("eval_file", None,
+                                 "--mode=eval: a text file to evaluate instead of a split.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=complete: the text to continue.")
 _SHOW_ROUTING = flags.DEFINE_bool("show_routing", False,
                                   "--mode=complete: show which experts each token chose.")
@@ -69,7 +83,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
-_NONE_OVERRIDE = re.compile(r"^--?config\.([\w.]+)=(none|None|null)$")
 
 
 class UserError(Exception):
@@ -84,84 +97,15 @@ def fail(message: str) -> None:
 # ----------------------------------------------------------------------------- flags
 
 
-def _config_path(argv: list[str]) -> str | None:
-  for i, a in enumerate(argv):
-    m = re.match(r"^--?config(=(.*))?$", a)
-    if m:
-      return m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
-  return None
-
-
-def _load_config_file(path: str):
-  """The config a `--config=path[:arg]` names, loaded the way ml_collections does."""
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("_launch_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def _unknown_field(argv: list[str]) -> str | None:
-  """Names the first `--config.a.b` override that is not a field of the config."""
-  path = _config_path(argv)
-  if not path:
-    return None
-  try:
-    cfg = _load_config_file(path)
-  except Exception:  # noqa: BLE001 - the caller reports the original error
-    return None
-  for a in argv:
-    m = re.match(r"^--?(?:no)?config\.([\w.]+)(=|$)", a)
-    if not m:
-      continue
-    node, walked = cfg, []
-    for part in m.group(1).split("."):
-      if not hasattr(node, "keys") or part not in node:
-        where = ".".join(walked) or "the config"
-        fields = sorted(node.keys()) if hasattr(node, "keys") else []
-        return (f"--config.{m.group(1)}: {where} has no field {part!r}"
-                + (f" (fields: {', '.join(fields)})" if fields else ""))
-      node = node[part]
-      walked.append(part)
-  return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors (exit 2) and `--config.x=None` support."""
-  nones = [m.group(1) for a in argv if (m := _NONE_OVERRIDE.match(a))]
-  argv = [a for a in argv if not _NONE_OVERRIDE.match(a)]
-  sys.argv[:] = argv  # config_flags reads its overrides from sys.argv
-  path = _config_path(argv)
-  if path and not os.path.isfile(path.partition(":")[0]):
-    fail(f"--config={path}: no such file")
+  """absl flag parsing through `moe.cli` (one-line errors, exit 2; `--config.x=None`; the
+  workdir's config.json when there is no --config)."""
+  p = cli.prepare_argv(argv, "workdir")
+  sys.argv[:] = p.argv  # config_flags reads its overrides from sys.argv
   try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(_unknown_field(argv) or str(e))
-  except (AttributeError, KeyError) as e:  # locked config: an override names no field
-    fail(_unknown_field(argv) or f"unknown config field {e}")
-  except (OSError, ValueError, TypeError, SyntaxError) as e:  # the config file itself
-    fail(f"--config={_config_path(argv)}: {type(e).__name__}: {e}")
-  cfg = _CONFIG.value
-  if cfg is None:
-    fail("--config is required, e.g. --config=configs/default.py")
-  try:
-    "model" in cfg  # pylint: disable=pointless-statement  (a failed load raises here)
-  except OSError as e:
-    fail(f"--config={path}: {e}")
-  for path in nones:
-    *groups, leaf = path.split(".")
-    node = cfg
-    for g in groups:
-      if not hasattr(node, "keys") or g not in node:
-        fail(f"--config.{path}=None: the config has no field {path!r}")
-      node = node[g]
-    if not hasattr(node, "keys") or leaf not in node:
-      fail(f"--config.{path}=None: the config has no field {path!r}")
-    try:
-      node[leaf] = None
-    except (TypeError, ValueError) as e:
-      fail(f"--config.{path}=None: {e}")
+    rest = cli.parse(p, flags.FLAGS, _CONFIG, run_flag="workdir")
+  except ConfigError as e:
+    fail(str(e))
   if not flags.FLAGS.workdir:
     fail("--workdir is required (the run directory)")
   return rest
@@ -202,6 +146,15 @@ def run(cfg) -> int:
       from moe.inference import generate
       generate.main(flags.FLAGS)
       return 0
+    if _MODE.value == "eval":
+      from moe.train import evaluate
+      result = evaluate.run(cfg, workdir, step=_STEP.value, checkpoint=_CHECKPOINT.value,
+                            split=_EVAL_SPLIT.value, text_file=_EVAL_FILE.value)
+      if jax.process_index() == 0:
+        print(evaluate.summary_line(result), flush=True)
+      return 0
+    if _STEP.value is not None or _CHECKPOINT.value or _EVAL_SPLIT.value or _EVAL_FILE.value:
+      raise UserError("--step, --checkpoint, --eval_split and --eval_file go with --mode=eval")
     from moe.train import trainer as train
     summary = train.train_and_evaluate(cfg, workdir)
     if "eval_bits_per_byte" in summary and jax.process_index() == 0:

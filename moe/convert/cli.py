@@ -2,7 +2,12 @@ r"""Convert Hugging Face checkpoints to this project's format and back.
 
   python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2 or Mixtral -> our checkpoint
   python -m moe.convert --from=WORKDIR --to_hf=DIR      # our MoE checkpoint -> Mixtral folder
-        [--config=configs/x.py]                         # when WORKDIR has no config.json
+        [--config=configs/x.py --config.moe.num_experts=4]   # when WORKDIR has no config.json
+
+Flags and the config file are read like launch.py's (`moe.cli`: absl flags, `--config=path[:arg]`,
+`--config.<field>=<value>` overrides, one-line errors). Export takes the `model` and `moe` groups
+from the run's `config.json` (every run writes it, `moe.runconfig`); a `--config` given as well
+must agree with it in those groups.
 
 Import reads a local folder (`config.json` + `*.safetensors`, read by the `safetensors` package's
 numpy front end: no PyTorch; export writes the format the same way) and writes into WORKDIR:
@@ -24,20 +29,21 @@ top-K: a model trained with a capacity factor computes the same except where it 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 import sys
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
 from safetensors.numpy import load_file, save_file
 
+from moe import cli
+from moe import runconfig
 from moe.convert import layouts
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
@@ -204,18 +210,16 @@ def from_hf(folder: str, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- export
 
 
-def _load_config_file(path: str):
-  spec = importlib.util.spec_from_file_location("_convert_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def _groups_of(workdir: str, config_file: str | None) -> dict:
+def _groups_of(workdir: str, cfg) -> dict:
+  """The `model` / `moe` groups: of `cfg` (a ConfigDict, or a config file's path) when given,
+  which must then agree with the run's config.json, else of that config.json."""
   path = rundir.join(workdir, CONFIG_FILE)
-  if config_file:
-    cfg = _load_config_file(config_file)
-    return {"model": dict(cfg.model), "moe": dict(cfg.moe)}
+  if cfg is not None:
+    if isinstance(cfg, str):
+      cfg = cli.load_config_file(cfg)
+    runconfig.check_saved(cfg, workdir, runconfig.EVAL_MAY_CHANGE,
+                          groups=runconfig.ARCHITECTURE_GROUPS)
+    return {"model": cfg.model.to_dict(), "moe": cfg.moe.to_dict()}
   if rundir.exists(path):
     spec = _read_config_json(path)
     if "model" in spec and "moe" in spec:
@@ -224,13 +228,14 @@ def _groups_of(workdir: str, config_file: str | None) -> dict:
                     "pass --config=<the config file the run was trained with>")
 
 
-def to_hf(workdir: str, out_dir: str, config_file: str | None = None) -> dict:
-  """Exports the newest checkpoint in `workdir` as a Mixtral folder; returns its config.json."""
+def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
+  """Exports the newest checkpoint in `workdir` as a Mixtral folder; returns its config.json.
+  `cfg`: the run's config (a ConfigDict or a config file) when `workdir` has no config.json."""
   try:
     ckpt_lib.resolve(workdir)
   except ConfigError:
     raise ConfigError(f"no checkpoint in {workdir}") from None
-  groups = _groups_of(workdir, config_file)
+  groups = _groups_of(workdir, cfg)
   model, moe = dict(groups["model"]), dict(groups["moe"])
   params = ckpt_lib.load_params(workdir)
   if model.get("vocab_size", -1) in (-1, 0, None):
@@ -279,23 +284,40 @@ def _index(tree, i):
 # ----------------------------------------------------------------------------- CLI
 
 
+def _parse(argv: list[str]):
+  """(flag values, config or None) from `argv` (argv[0] is the program), through `moe.cli`."""
+  p = cli.prepare_argv(argv, run_flag="from")
+  fv = flags.FlagValues()
+  flags.DEFINE_string("from_hf", None, "local Hugging Face model folder to import", flag_values=fv)
+  flags.DEFINE_string("to", None, "workdir to write the imported checkpoint into", flag_values=fv)
+  flags.DEFINE_string("from", None, "our workdir to export (newest checkpoint)", flag_values=fv)
+  flags.DEFINE_string("to_hf", None, "folder to write the exported Hugging Face model into",
+                      flag_values=fv)
+  config = cli.define_config_flag(fv, sys_argv=p.argv)
+  if p.config is None:  # no config: import needs none, export reads the run's config.json
+    rest = fv(p.argv)
+    return fv, rest, None
+  return fv, cli.parse(p, fv, config, run_flag="from"), config.value
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m moe.convert", description=__doc__.splitlines()[0])
-  p.add_argument("--from_hf", help="local Hugging Face model folder to import")
-  p.add_argument("--to", help="workdir to write the imported checkpoint into")
-  p.add_argument("--from", dest="src", help="our workdir to export (newest checkpoint)")
-  p.add_argument("--to_hf", help="folder to write the exported Hugging Face model into")
-  p.add_argument("--config", help="export: config file the run was trained with (when the "
-                                  "workdir has no config.json)")
-  a = p.parse_args(argv)
+  """The command line (`argv`: sys.argv's form, the program first); returns the exit code."""
+  argv = list(sys.argv if argv is None else argv)
   try:
-    if a.from_hf and a.to and not (a.src or a.to_hf):
+    try:
+      a, rest, cfg = _parse(argv)
+    except flags.Error as e:
+      raise ConfigError(str(e)) from None
+    if len(rest) > 1:
+      raise ConfigError(f"unexpected arguments {rest[1:]} (flags look like --name=value)")
+    src = a["from"].value
+    if a.from_hf and a.to and not (src or a.to_hf):
       spec = from_hf(a.from_hf, a.to)
       print(f"converted {spec['source']['model_type']} from {a.from_hf} into {a.to} "
             f"(config: {rundir.join(a.to, CONFIG_PY)})")
-    elif a.src and a.to_hf and not (a.from_hf or a.to):
-      to_hf(a.src, a.to_hf, a.config)
-      print(f"exported {a.src} as Mixtral into {a.to_hf}")
+    elif src and a.to_hf and not (a.from_hf or a.to):
+      to_hf(src, a.to_hf, cfg)
+      print(f"exported {src} as Mixtral into {a.to_hf}")
     else:
       raise ConfigError("give either --from_hf=DIR --to=WORKDIR or --from=WORKDIR --to_hf=DIR")
   except ConfigError as e:

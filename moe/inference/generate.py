@@ -1,13 +1,14 @@
 """Autocomplete with a trained (or converted) checkpoint, optionally showing the routing.
 
-    python launch.py --config=configs/default.py --workdir=runs/default --mode=complete \
-        --prompt='def fib(n):' --show_routing
+    python launch.py --workdir=runs/default --mode=complete --prompt='def fib(n):' --show_routing
 
 `main(cfg, workdir, *, prompt, show_routing, max_new_tokens, temperature, top_p, seed, stop)`
 loads the newest checkpoint in `workdir` (params and the MoE balancing bias), the tokenizer of
 `cfg.data` (or the Hugging Face tokenizer a conversion left in `workdir/hf_tokenizer/`), and
 prints the completion of `prompt`; `prompt=None` reads prompts from stdin, one per line, until
-EOF. `main(flags.FLAGS)` (launch.py's call) reads all of that from the absl flags.
+EOF. `main(flags.FLAGS)` (launch.py's call) reads all of that from the absl flags. `cfg` must
+agree with `workdir/config.json` where there is one (`moe.runconfig.EVAL_MAY_CHANGE`); launch.py
+uses that file when no --config is given.
 
 Decoding: the prompt (BOS first) is prefilled in one call, then one token at a time under one
 jit'd step, both with the model's KV cache (`moe.model.transformer.init_cache`, collection
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe.data.tokenizers import ByteTokenizer
+from moe import runconfig
 from moe.errors import INT32_MAX, SEED_MAX, ConfigError, check_int, check_number
 from moe.inference import routing_view
 from moe.layer import sown
@@ -255,6 +257,7 @@ def load(cfg, workdir: str) -> Generator:
   except ConfigError:
     raise ConfigError(f"no checkpoint in {workdir} (train one there first, or convert one with "
                       f"python -m moe.convert)") from None
+  runconfig.check_saved(cfg, workdir, runconfig.EVAL_MAY_CHANGE)  # the run's own architecture
   validate_model_groups(cfg)  # before a SentencePiece tokenizer is built from the data
   tokenizer = load_tokenizer(cfg, workdir)
   model_cfg = model_config_from(cfg, vocab_size=tokenizer.vocab_size)

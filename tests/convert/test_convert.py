@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from moe.train import checkpoint as ckpt_lib  # noqa: E402
+from moe import cli as cli_lib  # noqa: E402
 from moe.convert import cli as convert  # noqa: E402
 from moe.errors import ConfigError
 from moe.model.config import model_config_from  # noqa: E402
@@ -102,7 +103,7 @@ def test_gpt2_logits_match(gpt2_dir, tmp_path):
   assert got.shape == ref.shape
   assert rel_err(got, ref) < 1e-4
   # The same tensors through the launch-style config file.
-  cfg = convert._load_config_file(os.path.join(work, "config.py"))
+  cfg = cli_lib.load_config_file(os.path.join(work, "config.py"))
   assert cfg.model.positions == "learned" and cfg.model.max_len == 32
 
 
@@ -214,7 +215,7 @@ def test_complete_with_converted_mixtral_matches_hf_greedy(mixtral_dir, tmp_path
   tok.save(os.path.join(d, "tokenizer.json"))
   work = str(tmp_path / "ours")
   convert.from_hf(d, work)
-  cfg = convert._load_config_file(os.path.join(work, "config.py"))
+  cfg = cli_lib.load_config_file(os.path.join(work, "config.py"))
   gen = generate.load(cfg, work)
   assert isinstance(gen.tokenizer, generate.HfTokenizer) and gen.tokenizer.bos_id == 1
   prompt = "w5 w17 w3 w40"

@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 
+from moe import runconfig
 from moe import trees
 from moe.errors import ConfigError
 from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file, exists,
@@ -114,7 +115,7 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
     else:
       makedirs(rundir)
       machine = machine or machine_description()
-      write_json_atomic(join(rundir, CONFIG_FILE), r.cfg.to_dict())
+      runconfig.save(r.cfg, rundir)
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: "
           f"{'resuming' if status else 'training'}")
       t0 = time.time()

@@ -3,6 +3,7 @@
 Phases, in order (each one a few lines below):
 
   1. validate     every user error, one line each (`ConfigError`), before the data is built:
+                  the workdir's config.json, if any, against cfg (`moe.runconfig`),
                   `moe.train.checks.validate_config` (model/MoE, train and data fields,
                   train.init_from, the mesh against the devices, batch and widths), the workdir
   2. mesh         `moe.sharding.make_mesh(cfg.mesh)`
@@ -12,7 +13,8 @@ Phases, in order (each one a few lines below):
   5. shardings    logical axis names -> `NamedSharding`s through `moe.sharding.LOGICAL_RULES`
   6. checkpoint   resume target: the newest checkpoint in `workdir/checkpoints` (or
                   `train.init_from`) must fit the abstract state, else a one-line error naming
-                  the first differing param and both shapes
+                  the first differing param and both shapes; then the resolved config is
+                  written to `workdir/config.json` (process 0, `moe.runconfig.save`)
   7. init         params initialized by a jit with `out_shardings` (no host holds all params),
                   optimizer state likewise; then restored from the checkpoint, or loaded from
                   `train.init_from` (optionally upcycled from a dense model)
@@ -47,6 +49,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from moe import rundir
+from moe import runconfig
 from moe import sharding as sharding_lib
 from moe import trees
 from moe.data import pipeline as data_lib
@@ -209,6 +212,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   """
   t_start = time.time()
   tc = cfg.train
+  runconfig.check_saved(cfg, workdir, runconfig.RESUME_MAY_CHANGE)  # a resume keeps its config
   # Phases 1-5: validate, mesh, data, shapes, shardings (nothing compiled).
   s = setup(cfg, workdir)
   tx, frozen, schedule = step_lib.make_optimizer(tc, s.abstract["params"])
@@ -223,6 +227,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
                                        keep=tc.keep_checkpoints)
   resume_step = checkpointer.latest_step()
   _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
+  if jax.process_index() == 0:  # the config fits: the run keeps it (resume, eval, convert)
+    runconfig.save(cfg, workdir)
 
   # Phases 7-9 trace and run under the mesh (`jax.set_mesh` + the logical axis rules), which is
   # what lets activation constraints and the expert-parallel MoE layer see it.
@@ -343,7 +349,13 @@ def _check_checkpoints(cfg, workdir, s: Setup, checkpointer, resume_step, abstra
     ckpt_lib.check_compatible(
         ckpt_lib.saved_state_shapes(directory, step), s.abstract["params"],
         where=f"train.init_from={tc.init_from!r} (step {step})",
-        fix="init_from needs a checkpoint of the same architecture", prefix="params/")
+        fix=_init_from_fix(cfg), prefix="params/")
+
+
+def _init_from_fix(cfg) -> str:
+  diff = runconfig.architecture_diff(cfg, cfg.train.init_from)
+  return ("init_from needs a checkpoint of the same architecture"
+          + (f" (its run's config.json differs in {diff})" if diff else ""))
 
 
 def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:

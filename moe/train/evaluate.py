@@ -34,10 +34,12 @@ import math
 import os
 import re
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe import rundir
 from moe import runconfig
 from moe import sharding as sharding_lib
 from moe.data import packing
@@ -133,10 +135,9 @@ def file_batches(s: trainer.Setup, path: str) -> list[dict]:
   """The text file as one document under the run's tokenizer, packed into rows of
   `data.seq_len + 1`, in batches of `train.batch_size` (the last padded with empty rows)."""
   try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      text = f.read()
-  except OSError as e:
-    raise ConfigError(f"--eval_file={path}: {e.strerror or e}") from None
+    text = rundir.read_text(path)
+  except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8
+    raise ConfigError(f"--eval_file={path}: {getattr(e, 'strerror', None) or e}") from None
   tok = s.data.tokenizer
   doc = np.concatenate([[tok.bos_id], np.asarray(tok.encode_array(text)), [tok.eos_id]])
   tokens, segments = packing.pack_documents([doc.astype(np.int64)], s.cfg.data.seq_len + 1)
@@ -166,13 +167,13 @@ def _checkpoint_path(workdir: str, step: int | None, checkpoint: str | None) -> 
     return checkpoint
   if step is None:
     return workdir
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  path = os.path.join(directory, str(step))
+  directory = rundir.join(workdir, CHECKPOINTS_DIR)
+  path = rundir.join(directory, str(step))
   try:
     ckpt_lib.resolve(path)
   except ConfigError:
-    have = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) \
-        if os.path.isdir(directory) else []
+    have = sorted(int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()) \
+        if rundir.isdir(directory) else []
     raise ConfigError(f"--step={step}: no such checkpoint in {directory} (steps: {have})") \
         from None
   return path
@@ -205,11 +206,11 @@ def run(cfg, workdir: str, *, step: int | None = None, checkpoint: str | None = 
   loaded = ckpt_lib.load_state_items(path, abstract, where=where)
   metrics = evaluate_batches(s, loaded["params"], loaded.get("moe_bias", {}),
                              [trainer.global_batch(b, s.batch_sharding) for b in batches])
-  result = {"checkpoint": os.path.join(directory, str(ckpt_step)), "step": ckpt_step,
-            "text": {"file": os.path.abspath(text_file)} if text_file else {"split": what},
+  result = {"checkpoint": rundir.join(directory, str(ckpt_step)), "step": ckpt_step,
+            "text": {"file": rundir.absolute(text_file)} if text_file else {"split": what},
             "eval_capacity_factor": cfg.moe.eval_capacity_factor if cfg.moe.enabled else None,
             "batches": len(batches), **metrics}
-  result["file"] = os.path.join(workdir, eval_result_file(what, ckpt_step))
+  result["file"] = rundir.join(workdir, eval_result_file(what, ckpt_step))
   if jax.process_index() == 0:
     write_json_atomic(result["file"], result, indent=2)
   return result

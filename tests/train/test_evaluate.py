@@ -128,3 +128,46 @@ def test_commands_without_config_after_a_run_with_overrides(run, tmp_path):
     summary = json.load(f)
   assert summary["step"] == 8 and summary["resumed_from_step"] == 6
   assert runconfig.load(workdir).train.steps == 8  # config.json follows the allowed change
+
+
+def _saved_config(workdir, *overrides):
+  """The config the command lines read with no --config (moe.cli on fresh absl flags)."""
+  from absl import flags
+  from moe import cli
+  p = cli.prepare_argv(["prog", f"--workdir={workdir}", *overrides])
+  assert p.saved_from == workdir
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  config = cli.define_config_flag(fv, sys_argv=p.argv)
+  cli.parse(p, fv, config)
+  return config.value
+
+
+@pytest.mark.slow
+def test_cycle_on_a_remote_workdir_without_config(remote_fs, tiny_config, tmp_path, monkeypatch):
+  """train -> resume -> eval -> complete -> convert on a gs:// workdir (the fake bucket), with
+  the config given only to the first command."""
+  import io
+  from moe.convert import cli as convert
+  from moe.inference import generate
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  workdir = remote_fs.url("runs", "cycle")
+  cfg = tiny_config({"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+                     "train.eval_batches": 1})
+  assert train.train_and_evaluate(cfg, workdir, stop_at_step=2)["status"] == "preempted"
+  assert os.path.exists(os.path.join(remote_fs.local(workdir), "config.json"))
+  summary = train.train_and_evaluate(_saved_config(workdir), workdir)
+  assert (summary["status"], summary["step"], summary["resumed_from_step"]) == ("completed", 4, 2)
+  result = evaluate.run(_saved_config(workdir), workdir)
+  assert result["eval_cross_entropy"] == pytest.approx(summary["eval_cross_entropy"], rel=1e-5)
+  assert os.path.exists(os.path.join(remote_fs.local(workdir), "eval_validation_step4.json"))
+  out = io.StringIO()
+  text = generate.main(_saved_config(workdir), workdir, prompt="def", max_new_tokens=2,
+                       temperature=0.0, out=out)
+  assert out.getvalue().startswith("def") and isinstance(text, str)
+  hf = str(tmp_path / "hf")
+  assert convert.main(["prog", f"--from={workdir}", f"--to_hf={hf}"]) == 0
+  with open(os.path.join(hf, "config.json")) as f:
+    assert json.load(f)["num_local_experts"] == 4
+  from remote_fs import stray_gs_entries
+  assert stray_gs_entries(tmp_path, REPO) == []  # no gs:// URL was taken for a local path

@@ -16,6 +16,7 @@
   RESUME_MAY_CHANGE   the length of the run and how often it logs, evaluates and saves
                       (`train.steps`, `train.log_every`, `train.eval_every`,
                       `train.checkpoint_every`, `train.keep_checkpoints`, `train.eval_batches`),
+                      what it reports (`train.profile_steps`, `train.wandb_project`),
                       where data is prepared and read (`data.tfds_data_dir`, `data.num_workers`),
                       the mesh (`mesh.*`: a checkpoint restores onto another mesh) and how the
                       same computation is carried out (`moe.dispatch`, `model.remat`);
@@ -45,8 +46,8 @@ from moe.rundir import CONFIG_FILE, read_json, write_json_atomic
 
 RESUME_MAY_CHANGE = (
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.eval_batches", "data.tfds_data_dir", "data.num_workers",
-    "mesh.*", "moe.dispatch", "model.remat")
+    "train.keep_checkpoints", "train.eval_batches", "train.profile_steps", "train.wandb_project",
+    "data.tfds_data_dir", "data.num_workers", "mesh.*", "moe.dispatch", "model.remat")
 EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + ("moe.eval_capacity_factor", "train.batch_size")
 ARCHITECTURE_GROUPS = ("model", "moe")
 CONVERTED_KEY = "source"  # a converted checkpoint's config.json (moe.convert) has this group

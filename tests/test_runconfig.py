@@ -50,7 +50,8 @@ def test_fields_that_may_change_are_accepted(tiny_config, tmp_path):
   runconfig.save(tiny_config(), workdir)
   resume = tiny_config({"train.steps": 60, "train.log_every": 5, "train.eval_every": 7,
                         "train.checkpoint_every": 9, "train.keep_checkpoints": 5,
-                        "train.eval_batches": 3, "data.num_workers": 2, "mesh.data": 1,
+                        "train.eval_batches": 3, "train.profile_steps": "2:3",
+                        "train.wandb_project": "p", "data.num_workers": 2, "mesh.data": 1,
                         "mesh.fsdp": 1})
   runconfig.check_saved(resume, workdir, runconfig.RESUME_MAY_CHANGE)
   other_eval = tiny_config({"moe.eval_capacity_factor": None})

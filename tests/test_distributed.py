@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO, one_line_error
 from moe import distributed

@@ -17,7 +17,6 @@ torch = pytest.importorskip("torch", reason="needs torch (requirements-test.txt)
 transformers = pytest.importorskip("transformers", reason="needs transformers "
                                    "(requirements-test.txt) to build reference models")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 

@@ -343,7 +343,6 @@ for cfg in [tiny(vocab_size=40), tiny(vocab_size=40, moe=dropless_moe(), scan_la
 def test_sharded_forward_matches_single_device():
   """Params placed by their logical names on a data x expert x tensor mesh of 8 CPU devices
   (a fresh process, so the device count can be forced) give the single-device logits."""
-  import os
   import subprocess
   import sys
   code = SHARDED_SCRIPT.format(repo=REPO, tests=TESTS)

@@ -63,7 +63,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "--mode=eval: a checkpoint (workdir, checkpoints/ or a step "
                                   "directory) instead of --workdir's newest.")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", None,
-                                  "--mode=eval: the data split to evaluate (default validation).")
+                                  "--mode=eval: the data split to evaluate: validation (default), "
+                                  "train, or any split of a TFDS data.name, e.g. test.")
 _EVAL_FILE = flags.DEFINE_string("eval_file", None,
                                  "--mode=eval: a text file to evaluate instead of a split.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=complete: the text to continue.")

@@ -106,7 +106,8 @@ def _make_tokenizer(d, source: sources.TextSource, data_dir: str):
   return tok, f"sp{d.sp_vocab_size}-{digest}"
 
 
-def _documents(tok, texts):
+def encode_documents(tok, texts):
+  """Each text as [BOS, its token ids..., EOS] (int32), encoded in chunks of 256 texts."""
   bos, eos = np.array([tok.bos_id], np.int32), np.array([tok.eos_id], np.int32)
   chunk: list[str] = []
 
@@ -135,8 +136,8 @@ def _pack_splits(source, tok, tok_key: str, seq_len: int, data_dir: str) -> tupl
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     info = {}
     for split in sources.SPLITS:
-      rows, segs = packing.pack_documents(_documents(tok, source.documents(split)), seq_len + 1,
-                                          dtype)
+      rows, segs = packing.pack_documents(encode_documents(tok, source.documents(split)),
+                                          seq_len + 1, dtype)
       np.save(os.path.join(tmp, f"{split}_tokens.npy"), rows)
       seg_dtype = np.uint16 if seq_len + 1 < 1 << 16 else np.int32
       np.save(os.path.join(tmp, f"{split}_segments.npy"), segs.astype(seg_dtype))

@@ -334,13 +334,30 @@ def _prepared_builder(name: str, data_dir: str):
   return builder
 
 
-def _tfds_source(name: str, data_dir: str) -> TextSource:
-  builder = _prepared_builder(name, data_dir)
+def _text_field(builder, name: str) -> str:
   features = builder.info.features
   fields = [k for k, v in features.items() if isinstance(v, tfds.features.Text)]
   if not fields:
     raise ConfigError(f"data.name={name!r} has no text feature (features: {list(features)})")
-  field = "text" if "text" in fields else fields[0]
+  return "text" if "text" in fields else fields[0]
+
+
+def _open_split(builder, real: str):
+  """Random access (array_record) or a sequential reader (TFRecord) over one split."""
+  file_format = builder.info.file_format
+  if file_format in tfds.core.file_adapters.FileFormat.with_random_access():
+    return builder.as_data_source(split=real)
+  return SequentialSplit(builder, real)
+
+
+def _source_key(builder) -> str:
+  return "tfds-" + "".join(ch if ch.isalnum() or ch in "-_" else "_"
+                           for ch in builder.info.full_name)
+
+
+def _tfds_source(name: str, data_dir: str) -> TextSource:
+  builder = _prepared_builder(name, data_dir)
+  field = _text_field(builder, name)
   available = list(builder.info.splits.keys())
   names = {"train": "train",
            "validation": "validation" if "validation" in available else "test"}
@@ -348,18 +365,31 @@ def _tfds_source(name: str, data_dir: str) -> TextSource:
     if real not in available:
       raise ConfigError(f"data.name={name!r} has no {real!r} split for {s} (has {available})")
   file_format = builder.info.file_format
-  random_access = file_format in tfds.core.file_adapters.FileFormat.with_random_access()
-  sources = {s: builder.as_data_source(split=real) if random_access
-             else SequentialSplit(builder, real) for s, real in names.items()}
+  sources = {s: _open_split(builder, real) for s, real in names.items()}
   info = {"name": name, "tfds_name": f"{builder.name}/{builder.info.full_name}",
           "tfds_dir": builder.data_dir, "text_field": field, "splits_used": names,
           "file_format": getattr(file_format, "value", str(file_format)),
           "max_chars_read": dict(MAX_SPLIT_CHARS),
           **{f"{s}_documents": len(src) for s, src in sources.items()}}
-  key = "tfds-" + "".join(ch if ch.isalnum() or ch in "-_" else "_"
-                          for ch in builder.info.full_name)
-  return TextSource(key=key, info=info, _sources=sources, _field=field,
+  return TextSource(key=_source_key(builder), info=info, _sources=sources, _field=field,
                     _max_chars=dict(MAX_SPLIT_CHARS))
+
+
+def split_documents(name: str, split: str, data_dir: str) -> Iterator[str]:
+  """The texts of any split of the (prepared) TFDS dataset `name`, e.g. "test", in stored order
+  and read up to the validation budget (`MAX_SPLIT_CHARS["validation"]`): what
+  `launch.py --mode=eval --eval_split=<split>` evaluates beyond the two splits a run packs."""
+  if name in BUILTIN:
+    raise ConfigError(f"--eval_split={split!r}: data.name={name!r} has only the splits "
+                      f"{list(SPLITS)}")
+  builder = _prepared_builder(name, data_dir)
+  available = list(builder.info.splits.keys())
+  if split not in available:
+    raise ConfigError(f"--eval_split={split!r}: data.name={name!r} has the splits {available}")
+  source = TextSource(key=_source_key(builder), info={}, _sources={split: _open_split(builder, split)},
+                      _field=_text_field(builder, name),
+                      _max_chars={split: MAX_SPLIT_CHARS["validation"]})
+  return source.documents(split)
 
 
 def load_source(name: str, *, text_dir: str, validation_fraction: float,

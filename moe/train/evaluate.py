@@ -11,8 +11,12 @@
   workdir, its checkpoints/ or a step directory) read under `cfg`'s model;
 - the text: `split="validation"` (default) is the `train.eval_batches` validation batches the
   training evaluates (the same rows, so the numbers match summary.json's at the same step);
-  `split="train"` as many batches of training rows (a fixed permutation); `text_file` is one
-  document (BOS + the file's tokens under the run's tokenizer + EOS) packed into rows of
+  `split="train"` as many batches of training rows (a fixed permutation); any other split of a
+  TFDS dataset (`data.name` not built in, e.g. `--eval_split=test`) is read like the validation
+  split (up to `moe.data.sources.MAX_SPLIT_CHARS["validation"]` characters, packed the same way,
+  the same rows chosen: `train.eval_batches` batches, a permutation seeded by
+  `moe.data.pipeline.EVAL_SEED`; raise `--config.train.eval_batches` to read more);
+  `text_file` is one document (BOS + the file's tokens under the run's tokenizer + EOS) packed into rows of
   `data.seq_len + 1` like the data (`moe.data.packing`), every row evaluated, the last batch
   padded with empty rows (no loss there; their padding tokens are routed, so a layer's load
   and drop fraction include them);
@@ -43,7 +47,8 @@ from moe import rundir
 from moe import runconfig
 from moe import sharding as sharding_lib
 from moe.data import packing
-from moe.data.pipeline import PackedRows
+from moe.data import sources
+from moe.data.pipeline import EVAL_SEED, PackedRows, encode_documents
 from moe.errors import ConfigError
 from moe.rundir import CHECKPOINTS_DIR, eval_result_file, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
@@ -120,15 +125,33 @@ def _batches_of_rows(rows, indices: np.ndarray, global_batch: int) -> list[dict]
 
 
 def split_batches(s: trainer.Setup, split: str) -> list[dict]:
-  """The validation batches the training evaluates, or as many of training rows."""
+  """The validation batches the training evaluates, as many of training rows, or of another
+  split of the TFDS dataset."""
   if split == "validation":
     return s.data.eval_batches()
   t = s.cfg.train
+  if split not in SPLITS:
+    return other_split_batches(s, split)
   rows = PackedRows(s.data.info["packed_dir"], split, s.data.tokenizer.bytes_per_id)
   perm = np.random.default_rng(0).permutation(len(rows))
   n = t.eval_batches * t.batch_size
   return _batches_of_rows(lambda i: rows[i], perm[np.arange(n) % len(rows)].reshape(
       t.eval_batches, t.batch_size), t.batch_size)
+
+
+def other_split_batches(s: trainer.Setup, split: str) -> list[dict]:
+  """A split the run did not pack (e.g. lm1b's "test"), packed here as the pipeline packs the
+  validation split, and the rows chosen as it chooses them (`_eval_batches`' rule)."""
+  d, t, tok = s.cfg.data, s.cfg.train, s.data.tokenizer
+  texts = sources.split_documents(d.name, split, s.data.info["data_dir"])
+  tokens, segments = packing.pack_documents(encode_documents(tok, texts), d.seq_len + 1)
+  if tokens.shape[0] == 0:
+    raise ConfigError(f"--eval_split={split!r}: the split holds no text to evaluate")
+  perm = np.random.default_rng(EVAL_SEED).permutation(tokens.shape[0])
+  order = perm[np.arange(t.eval_batches * t.batch_size) % tokens.shape[0]]
+  return _batches_of_rows(
+      lambda i: packing.row_to_example(tokens[i], segments[i], tok.bytes_per_id),
+      order.reshape(t.eval_batches, t.batch_size), t.batch_size)
 
 
 def file_batches(s: trainer.Setup, path: str) -> list[dict]:
@@ -179,23 +202,25 @@ def _checkpoint_path(workdir: str, step: int | None, checkpoint: str | None) -> 
   return path
 
 
-def _what(split: str | None, text_file: str | None) -> str:
+def _what(cfg, split: str | None, text_file: str | None) -> str:
   if split and text_file:
     raise ConfigError("give --eval_split or --eval_file, not both")
   if text_file:
     stem = os.path.splitext(os.path.basename(text_file))[0]
     return "file-" + re.sub(r"[^\w.-]", "_", stem)
   split = split or "validation"
-  if split not in SPLITS:
-    raise ConfigError(f"--eval_split must be one of {list(SPLITS)} (the splits the data pipeline "
-                      f"packs), got {split!r}")
+  if split not in SPLITS and cfg.data.name in sources.BUILTIN:
+    raise ConfigError(f"--eval_split must be one of {list(SPLITS)} for data.name="
+                      f"{cfg.data.name!r} (other splits exist for TFDS datasets), got {split!r}")
+  if not re.fullmatch(r"[\w.-]+", split):
+    raise ConfigError(f"--eval_split={split!r}: give a split name such as 'test' (no slices)")
   return split
 
 
 def run(cfg, workdir: str, *, step: int | None = None, checkpoint: str | None = None,
         split: str | None = None, text_file: str | None = None) -> dict:
   """Evaluates one checkpoint (see the module docstring); returns the result written."""
-  what = _what(split, text_file)
+  what = _what(cfg, split, text_file)
   runconfig.check_saved(cfg, workdir, runconfig.EVAL_MAY_CHANGE)
   path = _checkpoint_path(workdir, step, checkpoint)
   directory, ckpt_step = ckpt_lib.resolve(path)

@@ -126,7 +126,16 @@ def test_lm1b_with_mock_data_trains_evaluates_and_resumes(tiny_config, tmp_path,
     first = train.train_and_evaluate(cfg(), workdir, stop_at_step=3)
     assert first["status"] == "preempted" and first["step"] == 3
     second = train.train_and_evaluate(cfg(), workdir)
+    # --mode=eval --eval_split=<a split the run did not pack>: lm1b's "test" is the run's
+    # validation split, read, packed and sampled by the same rule, so the numbers are the same.
+    from moe.train import evaluate
+    test = evaluate.run(cfg(), workdir, split="test")
+    with one_line_error("--eval_split='nope'", "'train'", "'test'"):
+      evaluate.run(cfg(), workdir, split="nope")
   assert second["status"] == "completed" and second["resumed_from_step"] == 3
+  assert test["step"] == 6 and test["text"] == {"split": "test"}
+  assert test["eval_cross_entropy"] == pytest.approx(second["eval_cross_entropy"], rel=1e-6)
+  assert test["eval_bits_per_byte"] == pytest.approx(second["eval_bits_per_byte"], rel=1e-6)
   assert np.isfinite(second["eval_loss"]) and np.isfinite(first["eval_loss"])
   data = second["data"]
   assert data["tfds_name"].startswith("lm1b/") and data["text_field"] == "text"

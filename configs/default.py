@@ -51,7 +51,8 @@ def get_config():
   c.moe.eval_capacity_factor = c.moe.get_ref("capacity_factor")._apply_op(  # noqa: SLF001
       lambda cf: max(cf, 2.0))
   c.moe.min_capacity = 4  # C is at least this
-  c.moe.group_size = config_dict.placeholder(int)  # tokens per routing group; None = whole batch
+  c.moe.group_size = config_dict.placeholder(int)  # tokens per routing group; None = per device
+  c.moe.group_size = 512  # 2 sequences: divides the tokens of 1, 2, 4 or 8 devices (any mesh alike)
   c.moe.router = "token_choice"  # token_choice | expert_choice
   c.moe.priority = "choice_major"  # choice_major | bpr (drop order on overflow)
   c.moe.allow_noncausal_routing = False  # allow bpr / expert_choice in this causal decoder

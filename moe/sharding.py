@@ -133,7 +133,7 @@ def validate_mesh(mesh_cfg, num_devices: int, num_processes: int = 1, *, batch_s
   """
   sizes = mesh_shape(mesh_cfg, num_devices)
   _dcn_data(mesh_cfg, sizes)
-  shards = math.prod(sizes[a] for a in BATCH_AXES)
+  shards = _shards(sizes)
   if batch_size % shards:
     raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the data-parallel "
                       f"degree mesh.data*fsdp*expert = {shards} ({_fmt(sizes)})")
@@ -148,8 +148,18 @@ def validate_mesh(mesh_cfg, num_devices: int, num_processes: int = 1, *, batch_s
     raise ConfigError(f"moe.group_size ({group_size}) must divide the tokens each device routes, "
                       f"train.batch_size/(mesh.data*fsdp*expert)*data.seq_len = "
                       f"{batch_size}/{shards}*{seq_len} = {local_tokens} (routing groups "
-                      f"never cross devices), or be None (one group per device)")
+                      f"never cross devices), or be None (one group per device: mesh-dependent)")
   return sizes
+
+
+def batch_shards(mesh_cfg, num_devices: int) -> int:
+  """How many devices the batch is split over on `cfg.mesh`: data*fsdp*expert (ConfigError as
+  `mesh_shape`). With `moe.group_size=None` each of them routes its tokens as one group."""
+  return _shards(mesh_shape(mesh_cfg, num_devices))
+
+
+def _shards(sizes: dict[str, int]) -> int:
+  return math.prod(sizes[a] for a in BATCH_AXES)
 
 
 def _count(devices, attr: str) -> int:

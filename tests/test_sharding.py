@@ -203,6 +203,41 @@ def test_dcn_data_puts_slices_on_the_data_axis(attr, monkeypatch):
     sharding.make_mesh(mesh_cfg(data=4, expert=2, dcn_data=4), devices)
 
 
+# ----------------------------------------------------------------------------- routing groups
+
+
+def test_default_group_size_divides_the_tokens_of_1_2_4_8_devices():
+  """configs/default.py routes fixed groups that every data-parallel mesh up to 8 devices holds
+  whole, so the default model is the same function on each (tests/train/test_determinism.py
+  trains it on 1 and 8 devices)."""
+  cfg = config()
+  g = cfg.moe.group_size
+  assert isinstance(g, int) and g < cfg.train.batch_size * cfg.data.seq_len  # really several
+  for n in (1, 2, 4, 8):
+    check_mesh(cfg, n)
+    assert (cfg.train.batch_size // n * cfg.data.seq_len) % g == 0
+  with one_line_error("moe.group_size (512)", "train.batch_size/(mesh.data*fsdp*expert)", "256"):
+    check_mesh(cfg, 16)  # 256 tokens a device: a group would cross devices
+
+
+@pytest.mark.parametrize("mesh, devices, warns", [
+    (dict(data=-1), 8, True), (dict(data=2, expert=4), 8, True), (dict(data=1, tensor=8), 8, False),
+    (dict(data=-1), 1, False)])
+def test_group_size_none_warns_when_the_batch_is_split(mesh, devices, warns):
+  """One line, only when the batch is split over more than one device (a tensor-only mesh gives
+  every device the whole batch: one group, as on one device)."""
+  from moe.train.checks import config_warnings
+  cfg = config(**{"moe.group_size": None, **{f"mesh.{k}": v for k, v in mesh.items()}})
+  got = config_warnings(cfg, devices)
+  if not warns:
+    assert got == []
+    return
+  (w,) = got
+  assert "moe.group_size=None" in w and "mesh" in w and "\n" not in w
+  assert config_warnings(config(**{f"mesh.{k}": v for k, v in mesh.items()}), devices) == []
+  assert config_warnings(config(**{"moe.group_size": None, "moe.enabled": False}), devices) == []
+
+
 # ----------------------------------------------------------------------------- fallback
 
 

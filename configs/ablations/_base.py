@@ -8,6 +8,12 @@ Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep/spe
   README give its time). One 1000-step run took 49 to 110 s wall there.
 - `accelerator`: D=512, 8 blocks, L=1024, 64 sequences a step, 20k steps: sizes worth a GPU/TPU.
 
+Routing groups (`moe.group_size`): `cpu` keeps None, one group of each step's 2048 tokens on the
+one CPU device, which is what the committed results in experiments/ablation_results/ measured (a
+fixed size would change them); on more than one device that makes the routing mesh-dependent,
+and the trainer warns. `accelerator` routes fixed groups of 4096 tokens, so a table gives the same
+runs on 1, 2, 4, 8 or 16 devices.
+
 A member override value may be {"cpu": x, "accelerator": y} when it depends on the scale.
 """
 
@@ -23,6 +29,7 @@ CPU = {
     "model.d_model": 64, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 2,
     "model.head_dim": 32, "model.d_ff": 256, "model.max_len": 128, "data.seq_len": 128,
     "moe.expert_hidden": 128,
+    "moe.group_size": None,  # the committed tables: one group of the 2048-token batch (1 device)
     "train.batch_size": 16, "train.steps": 1000, "train.warmup_steps": 100, "train.log_every": 20,
     "train.eval_every": 500, "train.eval_batches": 16, "train.checkpoint_every": 500,
     "train.keep_checkpoints": 1,
@@ -31,6 +38,7 @@ ACCELERATOR = {
     "model.d_model": 512, "model.num_layers": 8, "model.num_heads": 8, "model.num_kv_heads": 8,
     "model.head_dim": 64, "model.d_ff": 2048, "model.max_len": 1024, "data.seq_len": 1024,
     "moe.expert_hidden": 1024,
+    "moe.group_size": 4096,  # 4 sequences: the same routing on 1 to 16 devices
     "train.batch_size": 64, "train.steps": 20000, "train.warmup_steps": 1000,
     "train.learning_rate": 1e-3, "train.log_every": 50, "train.eval_every": 2000,
     "train.eval_batches": 32, "train.checkpoint_every": 1000, "train.keep_checkpoints": 2,

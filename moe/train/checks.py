@@ -140,15 +140,30 @@ def check_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:
                                     divisible=divisible, group_size=group_size)
 
 
-def config_warnings(cfg) -> list[str]:
-  """Legal settings that are probably not what a researcher meant: one line each, logged."""
+def config_warnings(cfg, num_devices: int | None = None) -> list[str]:
+  """Legal settings that are probably not what a researcher meant: one line each, logged.
+
+  `num_devices` (default: this machine's) is what the mesh is laid over: `moe.group_size=None`
+  warns when it splits the batch over more than one device (the routing then depends on the mesh).
+  """
   out = []
   m = cfg.moe
-  if (m.get("enabled", True) and m.router == "token_choice" and m.num_selected == 1
-      and m.renormalize):
+  if not m.get("enabled", True):
+    return out
+  if m.router == "token_choice" and m.num_selected == 1 and m.renormalize:
     out.append("moe.num_selected=1 with moe.renormalize=True: every combine weight is 1, so the "
                "router learns only from the auxiliary losses; Switch-style top-1 sets "
                "moe.renormalize=False")
+  if m.get("group_size", None) is None:
+    try:
+      shards = sharding_lib.batch_shards(
+          cfg.mesh, jax.device_count() if num_devices is None else num_devices)
+    except ConfigError:  # an invalid mesh is validate_config's error, not a warning
+      shards = 1
+    if shards > 1:
+      out.append(f"moe.group_size=None routes each device's tokens as one group, so with the "
+                 f"batch split over {shards} devices the routing (drops, losses) depends on the "
+                 f"mesh; set moe.group_size (e.g. 512) to train the same function on any mesh")
   return out
 
 

@@ -14,7 +14,9 @@ Phases, in order (each one a few lines below):
   6. checkpoint   resume target: the newest checkpoint in `workdir/checkpoints` (or
                   `train.init_from`) must fit the abstract state, else a one-line error naming
                   the first differing param and both shapes; then the resolved config is
-                  written to `workdir/config.json` (process 0, `moe.runconfig.save`)
+                  written to `workdir/config.json` (process 0, `moe.runconfig.save`), and
+                  `devices.json` records the machine (`moe.train.machine`; a resume on another
+                  one warns in one line)
   7. init         params initialized by a jit with `out_shardings` (no host holds all params),
                   optimizer state likewise; then restored from the checkpoint, or loaded from
                   `train.init_from` (optionally upcycled from a dense model)
@@ -61,6 +63,7 @@ from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train import checkpoint as ckpt_lib
 from moe.train import load_plot
+from moe.train import machine
 from moe.train import metrics as metrics_lib
 from moe.train import peaks
 from moe.train import step as step_lib
@@ -229,6 +232,9 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
   _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
   if jax.process_index() == 0:  # the config fits: the run keeps it (resume, eval, convert)
     runconfig.save(cfg, workdir)
+  moved = machine.record(workdir, resume_step)  # devices.json; a resume on another machine warns
+  if moved:
+    logging.warning("%s", moved)
 
   # Phases 7-9 trace and run under the mesh (`jax.set_mesh` + the logical axis rules), which is
   # what lets activation constraints and the expert-parallel MoE layer see it.

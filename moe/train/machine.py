@@ -13,7 +13,7 @@ of float additions. So a run resumed on another machine continues correctly but 
 
 one entry per stretch of the run on one machine (a resume on the same machine adds none), and
 returns the one-line warning the trainer logs when a resume runs on a machine other than the
-last entry's. Process 0 writes it; standard library and jax only.
+last entry's. Process 0 writes it, through `moe.rundir` (the workdir may be remote).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 
 import jax
 
-from moe.rundir import DEVICES_FILE, read_json, write_json_atomic
+from moe.rundir import DEVICES_FILE, join, read_json, write_json_atomic
 
 # The fields whose change changes the bits (host_cpus only on the CPU platform).
 FIELDS = ("platform", "device_kind", "device_count", "process_count", "host_cpus")
@@ -61,7 +61,7 @@ def record(workdir: str, resume_step: int | None, now: dict | None = None) -> st
 
   `now` defaults to `describe()`. Only process 0 writes; every process returns the same line."""
   now = describe() if now is None else now
-  path = os.path.join(workdir, DEVICES_FILE)
+  path = join(workdir, DEVICES_FILE)
   saved = read_json(path) if resume_step is not None else None
   machines = saved.get("machines", []) if isinstance(saved, dict) else []
   last = machines[-1] if machines and isinstance(machines[-1], dict) else None

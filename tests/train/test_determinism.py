@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import REPO, apply_overrides, load_config_file, read_metrics, write_textdir

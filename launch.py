@@ -27,10 +27,16 @@ r"""Train a config, run a sweep, evaluate a checkpoint or complete a prompt with
   or nothing at all under `srun`, `mpirun`, a TPU pod or TPU on GKE (`moe.distributed` says which
   launcher it recognised and calls `jax.distributed.initialize` as that one needs).
 
-Exit codes: 0 finished (also after SIGTERM: the run saved a checkpoint and summary.json says
-"preempted"; run the same command again to resume); 2 a user error (one line on stderr,
-`error: ...`, nothing compiled); 3 the loss diverged (summary.json says "diverged"); anything
-else is a crash with its traceback.
+Exit codes: 0 finished, or stopped by SIGTERM or Ctrl-C (SIGINT) at any moment after the flags
+are parsed: the run saves a checkpoint of the steps trained since the last one and summary.json
+says "preempted" (at "step" 0, with a checkpoint of the initial state, when nothing was trained
+yet; a signal during data preparation or compilation takes effect when that phase ends, and the
+step is then not compiled); run the same command again to resume. A second signal of the same kind ends the process at once (143 for SIGTERM, 130 for
+SIGINT). 2 an error of one line on stderr (`error: ...`): a user mistake (nothing compiled),
+out of memory (naming the batch and model sizes), another run holding the workdir, a failed
+checkpoint save (e.g. a full disk; the previous checkpoint stays usable), or no intact
+checkpoint left. 3 the loss diverged (summary.json says "diverged"). Anything else is a crash
+with its traceback.
 """
 
 from __future__ import annotations
@@ -129,6 +135,9 @@ def maybe_initialize_distributed() -> None:
 def run(cfg) -> int:
   # Each mode imports only its own stack (sweep runner, generation, trainer): they pull in
   # TensorFlow, grain and matplotlib in different measure, and start-up time is the user's.
+  if _MODE.value == "train":  # SIGTERM / Ctrl-C ask to save and stop from here on
+    from moe.train import preemption  # standard library only
+    preemption.install()
   try:
     maybe_initialize_distributed()
     workdir = _WORKDIR.value
@@ -166,6 +175,9 @@ def run(cfg) -> int:
     return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
   except (ConfigError, UserError) as e:
     fail(str(e))
+  except KeyboardInterrupt:  # a second Ctrl-C (the first one asks the run to save and stop)
+    print("interrupted", file=sys.stderr, flush=True)
+    return 130
   return 0
 
 
@@ -206,6 +218,10 @@ class QuietLibraries(std_logging.Filter):
   NOISY = ("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/", "/etils/")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if "/orbax/" in record.pathname and record.exc_info:
+      # A failed save is reported once, in one line (moe.train.checkpoint.CheckpointError);
+      # Orbax's writer threads log it too: keep their line, drop their traceback.
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not any(
         n in record.pathname for n in self.NOISY)
 

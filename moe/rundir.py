@@ -14,6 +14,7 @@ A training run's workdir (`launch.py --workdir`, or `<sweep workdir>/<member>/se
   `profile/`: the `jax.profiler` trace of `train.profile_steps` (TensorBoard's profile plugin);
 - `devices.json`: the machine each stretch of the run computed on (device kind and count,
   processes, CPU cores), which sets the bits (`moe.train.machine`);
+- `.lock`: held (`fcntl.flock`) by the training run using the workdir (`moe.train.lock`);
 - `hf_tokenizer/`: the tokenizer a conversion left beside its checkpoint (`moe.convert`), which
   `moe.inference.generate` prefers to the data config's;
 - `eval_<what>_step<N>.json`: `launch.py --mode=eval`'s result for checkpoint N;
@@ -54,6 +55,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 DEVICES_FILE = "devices.json"
+LOCK_FILE = ".lock"
 HF_TOKENIZER_DIR = "hf_tokenizer"
 LOAD_PLOT_FILE = "load.png"
 PROFILE_DIR = "profile"

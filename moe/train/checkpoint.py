@@ -1,24 +1,40 @@
-"""Checkpoints with Orbax: training state, data position, resume, compatibility, SIGTERM.
+"""Checkpoints with Orbax: training state, data position, log window, integrity, resume.
 
-A checkpoint is one directory per step under `workdir/checkpoints/<step>/` with two items:
+A checkpoint is one directory per step under `workdir/checkpoints/<step>/` with these items:
 
 - `state`: a pytree {step, params, opt_state, moe_bias, rng} (Orbax PyTree handler, sharded
   arrays written by every process, restored straight onto the target shardings, so a checkpoint
   written on one mesh restores onto another);
-- `data`: each process's data-iterator state as JSON (`process_<i>-of-<n>.json`).
+- `data`: each process's data-iterator state as JSON (`process_<i>-of-<n>.json`);
+- `log`: the trainer's unlogged metrics window as JSON (so the first record after a resume
+  averages the same steps as an uninterrupted run's); older checkpoints may lack it;
+- `manifest.sha256.json`: the SHA-256 and size of every file of its items, written by process 0
+  inside Orbax's temporary directory after all items are final and before Orbax renames it, so
+  a committed step always carries its manifest.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact; the temporary leftovers are deleted when the next
-manager opens the directory. Only complete steps are listed, and the newest one is resumed.
+manager opens the directory. Only complete steps are listed.
+
+Resume (`Checkpointer.restore_newest`) takes the newest step whose files match its manifest and
+that restores; a damaged one (a file missing, cut, overwritten or with a flipped bit, unreadable
+metadata) is moved aside to `checkpoints/damaged_<step>` with a one-line warning and the next
+older one is tried; when none is left, a one-line `CheckpointError`. A step without a manifest
+(written before manifests existed) is restored unverified. `prune` then deletes the oldest
+steps beyond `train.keep_checkpoints` (a kill between a save and Orbax's own deletion leaves
+one too many). A failed save (e.g. a full disk) is a one-line `CheckpointError`; the steps
+before it stay usable. (Orbax 0.12's zarr3 format checksums only the shard index with crc32c,
+not the chunk data, and its default zarr2/OCDBT format none: hence the manifest.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import signal
-import threading
 from typing import Any
+
+from absl import logging
 
 import jax
 from jax.experimental import multihost_utils
@@ -30,9 +46,22 @@ from moe import trees
 from moe.errors import ConfigError
 from moe import rundir
 from moe.rundir import CHECKPOINTS_DIR
+from moe.train.preemption import PreemptionGuard  # noqa: F401  (its former home)
 
 STATE = "state"
 DATA = "data"
+LOG = "log"
+MANIFEST = "manifest.sha256.json"
+DAMAGED_PREFIX = "damaged_"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+# Step-level files Orbax (re)writes after the items are final (timestamps, commit marker): not
+# covered by the manifest. Everything under the items is.
+_UNHASHED = ("_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST)
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint cannot be written (e.g. a full disk) or none left in the workdir is intact:
+  one line; launch.py prints it as `error: ...` and exits 2."""
 
 
 # ----------------------------------------------------------------------------- data item
@@ -87,14 +116,18 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def _manager(directory, *, keep: int | None = None, read_only: bool = False,
-             async_save: bool = True) -> ocp.CheckpointManager:
+             async_save: bool = True, on_final=None) -> ocp.CheckpointManager:
   # Readers neither create the directory nor clean up another run's temporary directories.
+  # `on_final` runs after every item of a step is written, before Orbax renames its directory.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=async_save)
+      enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(post_finalization_callback=on_final)
+      if (on_final and async_save) else None)
   return ocp.CheckpointManager(
       rundir.absolute(directory), options=options,
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: DataStateHandler()})
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: DataStateHandler(),
+                     LOG: ocp.JsonCheckpointHandler()})
 
 
 def abstract_like(tree):
@@ -103,12 +136,77 @@ def abstract_like(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _files(step_dir) -> list[str]:
+  """The relative paths of the files under `step_dir` the manifest covers."""
+  root = epath.Path(step_dir)
+  out = []
+  for p in root.rglob("*"):
+    rel = str(p.relative_to(root))
+    if rel not in _UNHASHED and p.is_file():
+      out.append(rel)
+  return sorted(out)
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+  """(size, sha256) of a file, read in blocks."""
+  h, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+      size += len(block)
+  return size, h.hexdigest()
+
+
+def write_manifest(step_dir) -> None:
+  """Records {relative path: [size, sha256]} of every file under `step_dir`."""
+  root = epath.Path(step_dir)
+  files = {rel: list(_digest(root / rel)) for rel in _files(step_dir)}
+  rundir.write_json_atomic(root / MANIFEST, {"format": 1, "files": files}, default=None)
+
+
+def verify(step_dir) -> str | None:
+  """None when every file of the manifest is there with its size and hash (or when the step has
+  no manifest: unverified), else what is wrong, in a few words."""
+  root = epath.Path(step_dir)
+  if not (root / MANIFEST).exists():
+    return None
+  try:
+    files = json.loads((root / MANIFEST).read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its manifest is unreadable ({_first_line(e)})"
+  for rel, (size, digest) in sorted(files.items()):
+    path = root / rel
+    if not path.is_file():
+      return f"{rel} is missing"
+    have_size, have_digest = _digest(path)
+    if have_size != size:
+      return f"{rel} has {have_size} bytes, not {size}"
+    if have_digest != digest:
+      return f"{rel} does not match its checksum"
+  return None
+
+
+# ----------------------------------------------------------------------------- manager
+
+
 class Checkpointer:
   """The checkpoints of one run: `directory` holds one sub-directory per saved step."""
 
   def __init__(self, directory, *, keep: int | None = None, async_save: bool = True):
     self.directory = rundir.absolute(directory)
-    self._mngr = _manager(self.directory, keep=keep, async_save=async_save)
+    self.keep = keep
+    self._async = async_save
+    self._saving: int | None = None  # the step being written
+    self._mngr = _manager(self.directory, keep=keep, async_save=async_save,
+                          on_final=self._manifest_of_pending)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -116,30 +214,137 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state, data_state) -> None:
-    """Starts saving (asynchronously for arrays); `wait()` blocks until it is on disk."""
-    self._mngr.save(int(step), args=ocp.args.Composite(
-        **{STATE: ocp.args.PyTreeSave(state), DATA: DataStateSave(data_state)}), force=True)
+  def _manifest_of_pending(self) -> None:
+    """Orbax's post-finalization callback: the step is complete in its temporary directory."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    folder = epath.Path(self.directory)
+    pending = list(folder.glob(f"{self._saving}{_ORBAX_TMP}*"))  # local: renamed after this
+    for step_dir in pending or [folder / str(self._saving)]:
+      write_manifest(step_dir)
+
+  def save(self, step: int, state, data_state, log_state=None) -> None:
+    """Starts saving (asynchronously for arrays); `wait()` blocks until it is on disk.
+
+    CheckpointError (one line) when this or the previous save failed (e.g. a full disk)."""
+    self.wait()  # the previous save's errors surface here, naming its step
+    items = {STATE: ocp.args.PyTreeSave(state), DATA: DataStateSave(data_state)}
+    if log_state is not None:
+      items[LOG] = ocp.args.JsonSave(log_state)
+    self._saving = int(step)
+    try:
+      self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 - one line, whatever the storage layer raised
+      raise self._save_error(e) from None
+    if not self._async:
+      self._manifest_of_pending()
+      self._saving = None
+
+  def _save_error(self, e: BaseException) -> CheckpointError:
+    step, self._saving = self._saving, None
+    done = [s for s in self.all_steps() if s != step]
+    before = (f"the previous checkpoint (step {max(done)}) is intact" if done
+              else "no earlier checkpoint exists")
+    return CheckpointError(f"saving checkpoint {step} in {self.directory} failed ({_first_line(e)}"
+                           f"); {before}: free space (or fix the error) and run the same command "
+                           "again to resume")
 
   def restore(self, step: int, abstract_state):
-    """Restores `state` onto the shardings of `abstract_state`; returns (state, data_state)."""
+    """Restores `state` onto the shardings of `abstract_state`; returns (state, data_state).
+
+    `restore_with_log` also returns the saved log window (None when the step has none)."""
+    state, data_state, _ = self.restore_with_log(step, abstract_state)
+    return state, data_state
+
+  def restore_with_log(self, step: int, abstract_state):
     check_compatible(saved_state_shapes(self.directory, step), abstract_state,
                      where=f"checkpoint {self.directory}/{step}",
                      fix="use a fresh --workdir or the config that wrote it")
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
         abstract_state)
-    out = self._mngr.restore(int(step), args=ocp.args.Composite(
-        **{STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
-           DATA: DataStateRestore()}))
-    return out[STATE], out[DATA]
+    items = {STATE: ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+             DATA: DataStateRestore()}
+    has_log = rundir.isdir(rundir.join(self.directory, str(step), LOG))
+    if has_log:
+      items[LOG] = ocp.args.JsonRestore()
+    out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
+    return out[STATE], out[DATA], (out[LOG] if has_log else None)
+
+  def restore_newest(self, abstract_state, check=None):
+    """The newest intact step, restored: (step, state, data_state, log_state), or None when
+    there is no checkpoint at all.
+
+    `check(step)` (e.g. a compatibility check) runs first and may raise ConfigError, which is
+    passed on: a checkpoint of another model is a user error, not damage. Damaged steps are
+    moved aside (one-line warning each); CheckpointError when checkpoints existed but none is
+    intact."""
+    damaged = []
+    for step in reversed(self.all_steps()):
+      reason = verify(rundir.join(self.directory, str(step)))
+      if reason is None:
+        try:
+          if check is not None:
+            check(step)
+          return (step, *self.restore_with_log(step, abstract_state))
+        except CheckpointError:
+          raise
+        except ConfigError as e:
+          if not _unreadable(e):
+            raise
+          reason = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the readers raise
+          reason = _first_line(e)
+      damaged.append(step)
+      self._set_aside(step, reason)
+    if damaged:
+      raise CheckpointError(f"no intact checkpoint left in {self.directory} (damaged: "
+                            f"{damaged}, moved to {DAMAGED_PREFIX}<step>); use a fresh --workdir "
+                            "or remove the checkpoints to start over")
+    return None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    src = rundir.join(self.directory, str(step))
+    dst = rundir.join(self.directory, f"{DAMAGED_PREFIX}{step}")
+    k = 1
+    while rundir.exists(dst):
+      k += 1
+      dst = rundir.join(self.directory, f"{DAMAGED_PREFIX}{step}.{k}")
+    logging.warning("checkpoint %s is damaged (%s): moved to %s, trying the previous one", src,
+                    reason.splitlines()[0] if reason else "?", dst)
+    if jax.process_index() == 0:
+      epath.Path(src).rename(dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._mngr.reload()
+
+  def prune(self) -> None:
+    """Deletes the oldest steps beyond `keep` (left by a kill between a save and Orbax's
+    deletion of the oldest step)."""
+    steps = self.all_steps()
+    if self.keep is None or len(steps) <= self.keep:
+      return
+    for step in steps[:len(steps) - self.keep]:
+      self._mngr.delete(step)
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until the pending save is on disk; CheckpointError when it failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(e) from None
+    self._saving = None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
+
+
+def _unreadable(e: ConfigError) -> bool:
+  """A ConfigError that says a step's metadata could not be read (damage, not a user error)."""
+  return "has no readable" in str(e)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -260,45 +465,3 @@ def load_data_state(path):
     return mngr.restore(step, args=ocp.args.Composite(**{DATA: DataStateRestore()}))[DATA]
   finally:
     mngr.close()
-
-
-# ----------------------------------------------------------------------------- preemption
-
-
-class PreemptionGuard:
-  """Turns SIGTERM into a request to stop after the current step.
-
-  The training loop polls `requested()` between steps, saves a checkpoint and returns with
-  status "preempted" (the process then exits with code 0). A second SIGTERM while the first is
-  being handled gets the default behaviour (terminate). Signal handlers can only be installed
-  from the main thread; elsewhere the guard is inert.
-  """
-
-  def __init__(self):
-    self._flag = False
-    self._previous = None
-    self._active = False
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._active = True
-    return self
-
-  def __exit__(self, *exc):
-    if self._active:
-      signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-      self._active = False
-    return False
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-  def requested(self) -> bool:
-    """True once any process got SIGTERM (all processes agree, so they save together)."""
-    if jax.process_count() == 1:
-      return self._flag
-    flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
-    return bool(np.any(flags))

@@ -70,6 +70,22 @@ def summarize_window(window: list[dict]) -> dict:
   return out
 
 
+def window_state(window: list) -> dict:
+  """The unlogged step metrics (device or host arrays) as JSON-able lists: float32 values are
+  exact as Python floats, so a restored window averages to the same bits."""
+  import jax  # pylint: disable=g-import-not-at-top  (metrics stays light for readers)
+  host = jax.device_get(window)
+  return {"format": 1, "window": [{k: np.asarray(v).tolist() for k, v in m.items()}
+                                  for m in host]}
+
+
+def window_from_state(state: dict | None) -> list[dict]:
+  """`window_state`'s output -> host step-metric dicts (an empty window for None)."""
+  if not state:
+    return []
+  return [{k: np.asarray(v, np.float64) for k, v in m.items()} for m in state["window"]]
+
+
 def is_finite_record(record: dict) -> bool:
   return all(math.isfinite(record[k]) for k in ("loss", "cross_entropy", "eval_loss")
              if isinstance(record.get(k), float))
@@ -107,11 +123,17 @@ class MetricsLog:
       self.wandb = wandb_writer(wandb_project, workdir, config)
 
   def truncate_after(self, step: int) -> None:
-    """On resume from `step`: drop records of steps that will be trained again."""
+    """On resume from `step`: drop records of steps that will be trained again, and any record
+    whose step is not above the one before it (a duplicate: the file holds one record per
+    logged step, in order)."""
     if not self.primary or not rundir.exists(self.path):
       return
-    write_metrics(self.path, [r for r in read_metrics(self.path)  # skips a line cut by a kill
-                              if "step" in r and r["step"] <= step])
+    kept, last = [], -1
+    for r in read_metrics(self.path):  # skips a line cut by a kill
+      if isinstance(r.get("step"), int) and last < r["step"] <= step:
+        kept.append(r)
+        last = r["step"]
+    write_metrics(self.path, kept)
 
   def write(self, step: int, record: dict) -> None:
     record = {"step": int(step), **record}

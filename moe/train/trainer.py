@@ -11,8 +11,9 @@ Phases, in order (each one a few lines below):
                   then an explicit `model.vocab_size` must hold the tokenizer's ids
   4. shapes       `jax.eval_shape` of the model's init: the abstract params and `moe_bias`
   5. shardings    logical axis names -> `NamedSharding`s through `moe.sharding.LOGICAL_RULES`
-  6. checkpoint   resume target: the newest checkpoint in `workdir/checkpoints` (or
-                  `train.init_from`) must fit the abstract state, else a one-line error naming
+  6. checkpoint   resume target: the newest intact checkpoint in `workdir/checkpoints` (a
+                  damaged one is set aside with a warning, `moe.train.checkpoint`), or
+                  `train.init_from`, must fit the abstract state, else a one-line error naming
                   the first differing param and both shapes; then the resolved config is
                   written to `workdir/config.json` (process 0, `moe.runconfig.save`), and
                   `devices.json` records the machine (`moe.train.machine`; a resume on another
@@ -24,7 +25,8 @@ Phases, in order (each one a few lines below):
                   cross-entropy + every MoE layer's aux_loss, moe_bias kept from the forward pass)
   9. loop         train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
                   progress line; evaluation every `eval_every` and at the end; a checkpoint every
-                  `checkpoint_every` and at the end; SIGTERM -> checkpoint and stop ("preempted");
+                  `checkpoint_every` and at the end (with the unlogged metrics window); SIGTERM
+                  or Ctrl-C, also during phases 1-8 -> checkpoint and stop ("preempted");
                   a non-finite loss stops the run ("diverged"); records carry TFLOP/s per
                   device and MFU; `train.profile_steps` traces a window of steps
  10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, TFLOP/s per
@@ -32,6 +34,9 @@ Phases, in order (each one a few lines below):
 
 The console gets one line per start-up phase (data, model size and FLOPs, compile time) and one
 progress line per logged step.
+
+The whole run holds the workdir's lock (`moe.train.lock`) and the SIGTERM/SIGINT handlers
+(`moe.train.preemption`); XLA's out-of-memory error becomes one line naming the sizes.
 
 Only process 0 writes metrics.jsonl, summary.json and TensorBoard files; every process writes
 its own shards of each checkpoint.
@@ -63,9 +68,11 @@ from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train import checkpoint as ckpt_lib
 from moe.train import load_plot
+from moe.train import lock as lock_lib
 from moe.train import machine
 from moe.train import metrics as metrics_lib
 from moe.train import peaks
+from moe.train import preemption
 from moe.train import step as step_lib
 from moe.train import upcycle
 from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
@@ -211,66 +218,104 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
 
   `stop_at_step`: stop once this step is reached as if preempted (checkpoint, status
   "preempted"), for time-sliced jobs and for resume tests; the schedule still targets
-  `train.steps`.
+  `train.steps`. SIGTERM / SIGINT at any point: see `moe.train.preemption`. One run per workdir
+  (`moe.train.lock`); out of memory is a one-line ConfigError naming the sizes.
   """
   t_start = time.time()
-  tc = cfg.train
   runconfig.check_saved(cfg, workdir, runconfig.RESUME_MAY_CHANGE)  # a resume keeps its config
-  # Phases 1-5: validate, mesh, data, shapes, shardings (nothing compiled).
-  s = setup(cfg, workdir)
+  check_workdir(workdir)
+  with preemption.PreemptionGuard() as guard, \
+      lock_lib.workdir_lock(workdir, primary=jax.process_index() == 0):
+    # Phases 1-5: validate, mesh, data, shapes, shardings (nothing compiled).
+    s = setup(cfg, workdir)
+    try:
+      return _train(cfg, workdir, s, guard, stop_at_step, t_start)
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001 - only XLA's out-of-memory is reworded
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise _out_of_memory(cfg, s, e) from None
+    finally:
+      s.data.train_iter.close()  # grain's threads and processes must not outlive the run
+
+
+def _out_of_memory(cfg, s: Setup, e: BaseException) -> ConfigError:
+  detail = next((ln.strip() for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
+  return ConfigError(
+      f"out of memory with train.batch_size={cfg.train.batch_size}, data.seq_len="
+      f"{cfg.data.seq_len} and {count_params(s.abstract['params']):,} parameters "
+      f"(model.d_model={cfg.model.d_model}, model.num_layers={cfg.model.num_layers}, "
+      f"moe.num_experts={cfg.moe.num_experts}) on {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s): lower train.batch_size or the model size "
+      f"[{detail[:160]}]")
+
+
+def _train(cfg, workdir: str, s: Setup, guard, stop_at_step, t_start) -> dict:
+  """Phases 6-10 (`train_and_evaluate` holds the lock and the signal handlers)."""
+  tc = cfg.train
   tx, frozen, schedule = step_lib.make_optimizer(tc, s.abstract["params"])
   if all(jax.tree.leaves(frozen)):
     raise ConfigError(f"train.trainable={tc.trainable!r} leaves no parameter to train in this "
                       "model (e.g. 'moe' in a dense model)")
   abstract_state, state_shardings = _abstract_state(s, tx)
   flops = _Flops(cfg, s)
-
-  # 6. checkpoint: the newest one in the workdir (or init_from) must fit, before compiling.
   checkpointer = ckpt_lib.Checkpointer(rundir.join(workdir, CHECKPOINTS_DIR),
                                        keep=tc.keep_checkpoints)
-  resume_step = checkpointer.latest_step()
-  _check_checkpoints(cfg, workdir, s, checkpointer, resume_step, abstract_state)
-  if jax.process_index() == 0:  # the config fits: the run keeps it (resume, eval, convert)
-    runconfig.save(cfg, workdir)
-  moved = machine.record(workdir, resume_step)  # devices.json; a resume on another machine warns
-  if moved:
-    logging.warning("%s", moved)
-
-  # Phases 7-9 trace and run under the mesh (`jax.set_mesh` + the logical axis rules), which is
-  # what lets activation constraints and the expert-parallel MoE layer see it.
-  with sharding_lib.activate(s.mesh):
-    # 7. init: sharded by construction; then the checkpoint, or init_from's params.
-    t_init = time.time()
-    state = _initial_state(cfg, s, tx, state_shardings, fresh=resume_step is None)
-    if resume_step is not None:
-      state, data_state = checkpointer.restore(resume_step, abstract_state)
-      s.data.train_iter.set_state(data_state)
-      logging.info("resumed from %s/%d", checkpointer.directory, resume_step)
-
-    # 8. step: compiled ahead of the loop, so compile time is reported on its own.
-    t_compile = time.time()
-    train_step = jax.jit(step_lib.make_train_step(s.model, tx, frozen, schedule),
-                         in_shardings=(state_shardings, s.batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
-    train_step = train_step.lower(abstract_state, _batch_shapes(cfg, s)).compile()
-    compile_s = time.time() - t_compile
-    logging.info("state initialized in %.1f s; train step compiled in %.1f s",
-                 t_compile - t_init, compile_s)
-    eval_step = jax.jit(step_lib.make_eval_step(s.model))
-    eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
-
-    # 9. loop
-    loop = _Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
-                 last_saved=resume_step, flops=flops)
-    state = loop.run(state, stop_at_step)
-  checkpointer.close()
+  compile_s, ok = 0.0, False
+  try:
+    # Phases 6-9 trace and run under the mesh (`jax.set_mesh` + the logical axis rules), which
+    # is what lets activation constraints and the expert-parallel MoE layer see it.
+    with sharding_lib.activate(s.mesh):
+      # 6. checkpoint: the newest intact one that fits (else a one-line error), restored.
+      t_init = time.time()
+      resumed = _resume(cfg, workdir, s, checkpointer, abstract_state)
+      resume_step = resumed[0] if resumed else None
+      if jax.process_index() == 0:  # the config fits: the run keeps it (resume, eval, convert)
+        runconfig.save(cfg, workdir)
+      moved = machine.record(workdir, resume_step)  # devices.json; another machine warns
+      if moved:
+        logging.warning("%s", moved)
+      # 7. init: sharded by construction (or init_from's params), unless resumed.
+      state = (resumed[1] if resumed else
+               _initial_state(cfg, s, tx, state_shardings, fresh=True))
+      # 8. step: compiled ahead of the loop, so compile time is reported on its own; not at
+      # all when a signal already asked to stop.
+      train_step, t_compile = None, time.time()
+      if not guard.requested():
+        train_step = jax.jit(step_lib.make_train_step(s.model, tx, frozen, schedule),
+                             in_shardings=(state_shardings, s.batch_sharding),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        train_step = train_step.lower(abstract_state, _batch_shapes(cfg, s)).compile()
+        compile_s = time.time() - t_compile
+        logging.info("state initialized in %.1f s; train step compiled in %.1f s",
+                     t_compile - t_init, compile_s)
+      eval_step = jax.jit(step_lib.make_eval_step(s.model))
+      eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
+      # 9. loop
+      loop = _Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
+                   last_saved=resume_step, flops=flops,
+                   log_state=resumed[2] if resumed else None)
+      state = loop.run(state, stop_at_step, guard)
+    ok = True
+  finally:
+    if ok:
+      checkpointer.close()
+    else:  # already failing: the checkpointer's own error must not hide the first one
+      try:
+        checkpointer.close()
+      except Exception:  # noqa: BLE001
+        pass
   loop.log.close()
   if jax.process_index() == 0:
     load_plot.write_load_plot(workdir)
+  return _summary(cfg, workdir, s, loop, flops, resume_step, compile_s, t_start)
 
-  # 10. summary
+
+def _summary(cfg, workdir, s: Setup, loop, flops, resume_step, compile_s, t_start) -> dict:
+  """10. `workdir/summary.json` (process 0 writes it); returned too."""
   summary = {
-      "status": loop.status, "step": loop.step, "steps": tc.steps, **loop.last_eval,
+      "status": loop.status, "step": loop.step, "steps": cfg.train.steps, **loop.last_eval,
       "tokens_per_s": (loop.train_steps * _tokens_per_step(cfg) / loop.train_time
                        if loop.train_time > 0 else None),
       "train_time_s": round(loop.train_time, 3), "compile_time_s": round(compile_s, 3),
@@ -342,20 +387,32 @@ def _abstract_state(s: Setup, tx) -> tuple[dict, dict]:
   return abstract, shardings
 
 
-def _check_checkpoints(cfg, workdir, s: Setup, checkpointer, resume_step, abstract_state):
-  """One-line ConfigError if the checkpoint to resume (or init_from) does not fit."""
+def _resume(cfg, workdir, s: Setup, checkpointer, abstract_state):
+  """(step, state, log_state) of the newest intact checkpoint that fits (the data iterator set
+  to its position), or None (then init_from, if any, must fit). One-line ConfigError when a
+  checkpoint does not fit or none is intact; damaged ones are skipped with a warning."""
   tc = cfg.train
-  if resume_step is not None:
+
+  def fits(step):
     ckpt_lib.check_compatible(
-        ckpt_lib.saved_state_shapes(checkpointer.directory, resume_step), abstract_state,
-        where=f"the checkpoint in --workdir={workdir} (step {resume_step})",
+        ckpt_lib.saved_state_shapes(checkpointer.directory, step), abstract_state,
+        where=f"the checkpoint in --workdir={workdir} (step {step})",
         fix="use a fresh --workdir or the config that wrote it")
-  elif tc.init_from and not tc.upcycle:
+
+  found = checkpointer.restore_newest(abstract_state, fits)
+  checkpointer.prune()
+  if found is not None:
+    step, state, data_state, log_state = found
+    s.data.train_iter.set_state(data_state)
+    logging.info("resumed from %s/%d", checkpointer.directory, step)
+    return step, state, log_state
+  if tc.init_from and not tc.upcycle:
     directory, step = ckpt_lib.resolve(tc.init_from)
     ckpt_lib.check_compatible(
         ckpt_lib.saved_state_shapes(directory, step), s.abstract["params"],
         where=f"train.init_from={tc.init_from!r} (step {step})",
         fix=_init_from_fix(cfg), prefix="params/")
+  return None
 
 
 def _init_from_fix(cfg) -> str:
@@ -365,9 +422,7 @@ def _init_from_fix(cfg) -> str:
 
 
 def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:
-  """Step-0 state: params (or init_from's when `fresh`), a fresh optimizer, the run's rng.
-
-  A resumed run still builds it (cheap, and already sharded) and then restores over it."""
+  """Step-0 state: params (or init_from's when `fresh`), a fresh optimizer, the run's rng."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
   variables = jax.jit(s.init_fn, out_shardings=s.shardings)(init_rng)
   params = variables["params"]
@@ -383,7 +438,7 @@ class _Loop:
   """Phase 9: steps, logging windows, evaluation, checkpoints, preemption, divergence."""
 
   def __init__(self, cfg, workdir, s: Setup, checkpointer, train_step, eval_step, eval_batches,
-               *, last_saved, flops: _Flops):
+               *, last_saved, flops: _Flops, log_state=None):
     self.cfg, self.s, self.checkpointer, self.flops = cfg, s, checkpointer, flops
     self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
     self.log = metrics_lib.MetricsLog(
@@ -394,31 +449,32 @@ class _Loop:
     self.status, self.step, self.last_eval = "completed", 0, {}
     self.last_saved = last_saved
     self.train_time, self.train_steps = 0.0, 0
-    self.window: list = []
+    # The step metrics since the last record; a checkpoint saves them (`log` item), so a
+    # resumed run's first record averages the same steps as an uninterrupted run's.
+    self.window: list = metrics_lib.window_from_state(log_state)
     self.watch = metrics_lib.Stopwatch()  # the current logging window, minus eval / saving
 
-  def run(self, state, stop_at_step):
+  def run(self, state, stop_at_step, guard):
     tc = self.cfg.train
     self.step = int(jax.device_get(state["step"]))
     start_step = self.step
     self.log.truncate_after(self.step)  # records a killed run wrote after its last checkpoint
-    with ckpt_lib.PreemptionGuard() as guard:
-      while self.step < tc.steps:
-        if guard.requested() or (stop_at_step is not None and self.step >= stop_at_step):
-          self.status = "preempted"
-          break
-        batch = global_batch(next(self.s.data.train_iter), self.s.batch_sharding)
-        self.profile.before_step(self.step)
-        state, m = self.train_step(state, batch)
-        self.step += 1
-        self.profile.after_step(self.step, state)
-        self.window.append(m)
-        due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
-        if not self._log_and_eval(state) or (due and not self._save(state)):
-          self._diverged()
-          break
-      if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
+    while self.step < tc.steps:
+      if guard.requested() or (stop_at_step is not None and self.step >= stop_at_step):
+        self.status = "preempted"
+        break
+      batch = global_batch(next(self.s.data.train_iter), self.s.batch_sharding)
+      self.profile.before_step(self.step)
+      state, m = self.train_step(state, batch)
+      self.step += 1
+      self.profile.after_step(self.step, state)
+      self.window.append(m)
+      due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+      if not self._log_and_eval(state) or (due and not self._save(state)):
         self._diverged()
+        break
+    if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
+      self._diverged()
     self.profile.stop()
     if self.status == "completed" and self.step == start_step and not self.last_eval:
       self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
@@ -462,7 +518,8 @@ class _Loop:
     if not _finite(self.window, "loss"):
       return False
     t0 = time.time()
-    self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state())
+    self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state(),
+                           metrics_lib.window_state(self.window))
     self.last_saved = self.step
     self.watch.exclude(time.time() - t0)
     return True

@@ -192,30 +192,22 @@ def _wait_for_step(proc, workdir, step, timeout=300):
   raise AssertionError("the run did not reach the step in time")
 
 
-def _assert_close(a, b):
-  """Across processes: equal to float rounding. (Bitwise equality is what we get and what
-  test_train.test_exact_resume asserts in one process; one run of this file under heavy machine
-  load once differed by 3 float32 ulps after an interruption, so these allow rounding.)"""
+def _assert_same_bits(a, b):
+  """Across processes and interruptions: the same bits (resume is exact, also mid-window)."""
   la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
   assert len(la) == len(lb)
   for (path, x), y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7,
-                               err_msg=jax.tree_util.keystr(path))
+    assert np.array_equal(np.asarray(y), np.asarray(x)), jax.tree_util.keystr(path)
 
 
 def _assert_same_records(a, b):
+  """Every record equal (timing fields dropped by the caller), none duplicated or missing."""
   assert [r["step"] for r in a] == [r["step"] for r in b]
-  for ra, rb in zip(a, b):
-    assert set(ra) == set(rb), ra["step"]
-    for k, v in ra.items():
-      if isinstance(v, (float, list)):
-        assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (ra["step"], k)
-      else:
-        assert rb[k] == v, (ra["step"], k)
+  assert a == b
 
 
 LONG = {"train.steps": 60, "train.log_every": 2, "train.eval_every": 30,
-        "train.checkpoint_every": 4, "moe.bias_balancing": True, "moe.jitter_eps": 0.1}
+        "train.checkpoint_every": 3, "moe.bias_balancing": True, "moe.jitter_eps": 0.1}
 
 
 def _reference_and_run_until(tmp_path, tiny_config, tiny_flags, step):
@@ -238,7 +230,7 @@ def _rerun_and_compare(ref, workdir, tiny_flags) -> str:
   assert proc.returncode == 0, err[-3000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["status"] == "completed"
-  _assert_close(ckpt_lib.load_params(ref), ckpt_lib.load_params(workdir))
+  _assert_same_bits(ckpt_lib.load_params(ref), ckpt_lib.load_params(workdir))
   _assert_same_records(read_metrics(ref, drop_timing=True),
                        read_metrics(workdir, drop_timing=True))
   return err

@@ -94,15 +94,19 @@ def test_overfits_one_batch(tiny_config, tmp_path):
   assert losses[-1] < 0.35 * losses[0], losses[::10]
 
 
-def test_exact_resume(tiny_config, tmp_path):
-  """N steps in one go == N/2 steps, stop, resume to N: same bits, logs, bias, data position."""
-  cfg = tiny_config(STATEFUL)
+@pytest.mark.parametrize("stop, checkpoint_every", [(4, 4), (3, 3)])
+def test_exact_resume(tiny_config, tmp_path, stop, checkpoint_every):
+  """N steps in one go == `stop` steps, stop, resume to N: same bits, logs, bias, data position.
+
+  Stopping at 3 with log_every=2 resumes inside a logging window: the window saved with the
+  checkpoint makes the step-4 record average steps 3 and 4 as in the uninterrupted run."""
+  overrides = {**STATEFUL, "train.checkpoint_every": checkpoint_every}
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  s_full = train.train_and_evaluate(cfg, full)
-  s_half = train.train_and_evaluate(tiny_config(STATEFUL), split, stop_at_step=4)
-  assert s_half["status"] == "preempted" and s_half["step"] == 4
-  s_rest = train.train_and_evaluate(tiny_config(STATEFUL), split)
-  assert s_rest["status"] == "completed" and s_rest["resumed_from_step"] == 4
+  s_full = train.train_and_evaluate(tiny_config(overrides), full)
+  s_half = train.train_and_evaluate(tiny_config(overrides), split, stop_at_step=stop)
+  assert s_half["status"] == "preempted" and s_half["step"] == stop
+  s_rest = train.train_and_evaluate(tiny_config(overrides), split)
+  assert s_rest["status"] == "completed" and s_rest["resumed_from_step"] == stop
   assert s_full["eval_loss"] == s_rest["eval_loss"]
 
   def final(workdir):

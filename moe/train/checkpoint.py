@@ -146,12 +146,15 @@ def _first_line(e: BaseException) -> str:
 
 def _files(step_dir) -> list[str]:
   """The relative paths of the files under `step_dir` the manifest covers."""
-  root = epath.Path(step_dir)
-  out = []
-  for p in root.rglob("*"):
-    rel = str(p.relative_to(root))
-    if rel not in _UNHASHED and p.is_file():
-      out.append(rel)
+  out, todo = [], [(epath.Path(step_dir), "")]
+  while todo:  # epath has no recursive glob on remote paths: walk the folders
+    folder, prefix = todo.pop()
+    for p in folder.iterdir():
+      rel = prefix + p.name
+      if p.is_dir():
+        todo.append((p, rel + "/"))
+      elif rel not in _UNHASHED:
+        out.append(rel)
   return sorted(out)
 
 

@@ -30,13 +30,13 @@ r"""Train a config, run a sweep, evaluate a checkpoint or complete a prompt with
 Exit codes: 0 finished, or stopped by SIGTERM or Ctrl-C (SIGINT) at any moment after the flags
 are parsed: the run saves a checkpoint of the steps trained since the last one and summary.json
 says "preempted" (at "step" 0, with a checkpoint of the initial state, when nothing was trained
-yet; a signal during data preparation or compilation takes effect when that phase ends, and the
-step is then not compiled); run the same command again to resume. A second signal of the same kind ends the process at once (143 for SIGTERM, 130 for
-SIGINT). 2 an error of one line on stderr (`error: ...`): a user mistake (nothing compiled),
-out of memory (naming the batch and model sizes), another run holding the workdir, a failed
-checkpoint save (e.g. a full disk; the previous checkpoint stays usable), or no intact
-checkpoint left. 3 the loss diverged (summary.json says "diverged"). Anything else is a crash
-with its traceback.
+yet; a signal during data preparation or compilation takes effect when that phase ends); run
+the same command again to resume. A second signal of the same kind ends the process at once
+(143 for SIGTERM, 130 for SIGINT). 2 an error of one line on stderr (`error: ...`): a user
+mistake (nothing compiled), out of memory (naming the batch and model sizes), another run
+holding the workdir, a failed checkpoint save (e.g. a full disk; the previous checkpoint stays
+usable), or no intact checkpoint left. 3 the loss diverged (summary.json says "diverged").
+Anything else is a crash with its traceback.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ from moe import trees
 from moe.errors import ConfigError
 from moe import rundir
 from moe.rundir import CHECKPOINTS_DIR
-from moe.train.preemption import PreemptionGuard  # noqa: F401  (its former home)
 
 STATE = "state"
 DATA = "data"

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, read_metrics
 from moe.train import checkpoint as ckpt_lib
+from moe.train import preemption
 from moe.errors import ConfigError
 
 
@@ -155,7 +156,7 @@ def test_restores_onto_another_mesh(tmp_path):
 
 def test_preemption_guard_turns_sigterm_into_a_flag():
   before = signal.getsignal(signal.SIGTERM)
-  with ckpt_lib.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     assert not guard.requested()
     os.kill(os.getpid(), signal.SIGTERM)
     for _ in range(100):

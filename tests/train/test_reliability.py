@@ -250,7 +250,8 @@ def test_out_of_memory_is_one_line_and_the_process_exits(tmp_path, tiny_flags):
 @pytest.mark.slow
 def test_sigterm_while_preparing_then_ctrl_c_while_training(tmp_path, tiny_flags):
   """SIGTERM as soon as the run has created its workdir (data preparation / compilation):
-  exit 0, "preempted" at step 0 with a checkpoint of the initial state. Then Ctrl-C (SIGINT) mid-training: exit 0,
+  exit 0, "preempted" at step 0 with a checkpoint of the initial state. Then Ctrl-C (SIGINT)
+  mid-training: exit 0,
   "preempted", a checkpoint at the step it stopped, no traceback."""
   workdir = str(tmp_path / "run")
   flags = tiny_flags({"train.steps": 400, "train.checkpoint_every": 1000})

@@ -53,6 +53,7 @@ from moe.errors import ConfigError
 from moe.rundir import CHECKPOINTS_DIR, eval_result_file, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
+from moe.train import loop
 from moe.train import trainer
 
 SPLITS = ("validation", "train")
@@ -230,7 +231,7 @@ def run(cfg, workdir: str, *, step: int | None = None, checkpoint: str | None = 
   where = f"--checkpoint={checkpoint}" if checkpoint else f"--workdir={workdir}"
   loaded = ckpt_lib.load_state_items(path, abstract, where=where)
   metrics = evaluate_batches(s, loaded["params"], loaded.get("moe_bias", {}),
-                             [trainer.global_batch(b, s.batch_sharding) for b in batches])
+                             [loop.global_batch(b, s.batch_sharding) for b in batches])
   result = {"checkpoint": rundir.join(directory, str(ckpt_step)), "step": ckpt_step,
             "text": {"file": rundir.absolute(text_file)} if text_file else {"split": what},
             "eval_capacity_factor": cfg.moe.eval_capacity_factor if cfg.moe.enabled else None,

@@ -23,7 +23,7 @@ Phases, in order (each one a few lines below):
                   `train.init_from` (optionally upcycled from a dense model)
   8. step         jit of `moe.train.step.make_train_step` (AdamW, warmup + cosine, clipping,
                   cross-entropy + every MoE layer's aux_loss, moe_bias kept from the forward pass)
-  9. loop         train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
+  9. loop         (`moe.train.loop`) train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
                   progress line; evaluation every `eval_every` and at the end; a checkpoint every
                   `checkpoint_every` and at the end (with the unlogged metrics window); SIGTERM
                   or Ctrl-C, also during phases 1-8 -> checkpoint and stop ("preempted");
@@ -51,7 +51,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
@@ -68,6 +67,7 @@ from moe.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, write_json_atomic
 from moe.sharding import LOGICAL_RULES, logical_sharding, make_mesh
 from moe.train import checkpoint as ckpt_lib
 from moe.train import load_plot
+from moe.train.loop import BATCH_KEYS, Loop, global_batch, run_eval, tokens_per_step
 from moe.train import lock as lock_lib
 from moe.train import machine
 from moe.train import metrics as metrics_lib
@@ -76,9 +76,7 @@ from moe.train import preemption
 from moe.train import step as step_lib
 from moe.train import upcycle
 from moe.train.checks import check_divisible, check_workdir, config_warnings, validate_config
-from moe.train.profiling import ProfileWindow
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "target_bytes")
 
 
 # ----------------------------------------------------------------------------- 4./5. shapes
@@ -154,12 +152,6 @@ def setup(cfg, workdir: str) -> Setup:
                shardings=shardings, batch_sharding=logical_sharding(mesh, ("batch", "length")))
 
 
-def global_batch(batch: dict, sharding) -> dict:
-  """This process's rows [B/P, L] -> global arrays [B, L] sharded by batch."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
-
-
 def _opt_shardings(tx, abstract_params, param_shardings, mesh):
   """(abstract optimizer state, its shardings): a leaf that mirrors a param (Adam's mu and nu:
   its key path ends with the param's path and it has the param's shape) is sharded like the
@@ -183,15 +175,6 @@ def _opt_shardings(tx, abstract_params, param_shardings, mesh):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def run_eval(eval_step, params, moe_bias, batches) -> dict:
-  sums: dict[str, float] = {}
-  for b in batches:
-    out = jax.device_get(eval_step(params, moe_bias, b))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  return step_lib.eval_metrics(sums) if sums else {}
 
 
 def evaluate(cfg, workdir: str) -> dict:
@@ -293,7 +276,7 @@ def _train(cfg, workdir: str, s: Setup, guard, stop_at_step, t_start) -> dict:
       eval_step = jax.jit(step_lib.make_eval_step(s.model))
       eval_batches = [global_batch(b, s.batch_sharding) for b in s.data.eval_batches()]
       # 9. loop
-      loop = _Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
+      loop = Loop(cfg, workdir, s, checkpointer, train_step, eval_step, eval_batches,
                    last_saved=resume_step, flops=flops,
                    log_state=resumed[2] if resumed else None)
       state = loop.run(state, stop_at_step, guard)
@@ -316,7 +299,7 @@ def _summary(cfg, workdir, s: Setup, loop, flops, resume_step, compile_s, t_star
   """10. `workdir/summary.json` (process 0 writes it); returned too."""
   summary = {
       "status": loop.status, "step": loop.step, "steps": cfg.train.steps, **loop.last_eval,
-      "tokens_per_s": (loop.train_steps * _tokens_per_step(cfg) / loop.train_time
+      "tokens_per_s": (loop.train_steps * tokens_per_step(cfg) / loop.train_time
                        if loop.train_time > 0 else None),
       "train_time_s": round(loop.train_time, 3), "compile_time_s": round(compile_s, 3),
       "wall_time_s": round(time.time() - t_start, 3), "resumed_from_step": resume_step,
@@ -333,17 +316,13 @@ def _summary(cfg, workdir, s: Setup, loop, flops, resume_step, compile_s, t_star
   return summary
 
 
-def _tokens_per_step(cfg) -> int:
-  return cfg.train.batch_size * cfg.data.seq_len
-
-
 class _Flops:
   """Model FLOPs of a training step (`moe.model.flops`) and the device's peak
   (`moe.train.peaks`): TFLOP/s per device and MFU for the records and the summary."""
 
   def __init__(self, cfg, s: Setup):
     self.per_token = flops_per_token(s.model_cfg, cfg.data.seq_len).train
-    self.per_step = self.per_token * _tokens_per_step(cfg)
+    self.per_step = self.per_token * tokens_per_step(cfg)
     self.devices = jax.device_count()
     self.peak = peaks.device_peak(jax.devices()[0], s.model_cfg.dtype)
     self.num_params = count_params(s.abstract["params"])
@@ -432,105 +411,6 @@ def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:
   return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
           "params": params, "opt_state": opt_state, "moe_bias": variables["moe_bias"],
           "rng": jax.device_put(train_rng, shardings["rng"])}
-
-
-class _Loop:
-  """Phase 9: steps, logging windows, evaluation, checkpoints, preemption, divergence."""
-
-  def __init__(self, cfg, workdir, s: Setup, checkpointer, train_step, eval_step, eval_batches,
-               *, last_saved, flops: _Flops, log_state=None):
-    self.cfg, self.s, self.checkpointer, self.flops = cfg, s, checkpointer, flops
-    self.train_step, self.eval_step, self.eval_batches = train_step, eval_step, eval_batches
-    self.log = metrics_lib.MetricsLog(
-        workdir, total_steps=cfg.train.steps, primary=jax.process_index() == 0,
-        wandb_project=cfg.train.get("wandb_project", ""),
-        config=cfg.to_dict() if cfg.train.get("wandb_project", "") else None)
-    self.profile = ProfileWindow(cfg.train.get("profile_steps", ""), workdir)
-    self.status, self.step, self.last_eval = "completed", 0, {}
-    self.last_saved = last_saved
-    self.train_time, self.train_steps = 0.0, 0
-    # The step metrics since the last record; a checkpoint saves them (`log` item), so a
-    # resumed run's first record averages the same steps as an uninterrupted run's.
-    self.window: list = metrics_lib.window_from_state(log_state)
-    self.watch = metrics_lib.Stopwatch()  # the current logging window, minus eval / saving
-
-  def run(self, state, stop_at_step, guard):
-    tc = self.cfg.train
-    self.step = int(jax.device_get(state["step"]))
-    start_step = self.step
-    self.log.truncate_after(self.step)  # records a killed run wrote after its last checkpoint
-    while self.step < tc.steps:
-      if guard.requested() or (stop_at_step is not None and self.step >= stop_at_step):
-        self.status = "preempted"
-        break
-      batch = global_batch(next(self.s.data.train_iter), self.s.batch_sharding)
-      self.profile.before_step(self.step)
-      state, m = self.train_step(state, batch)
-      self.step += 1
-      self.profile.after_step(self.step, state)
-      self.window.append(m)
-      due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
-      if not self._log_and_eval(state) or (due and not self._save(state)):
-        self._diverged()
-        break
-    if self.status == "preempted" and self.last_saved != self.step and not self._save(state):
-      self._diverged()
-    self.profile.stop()
-    if self.status == "completed" and self.step == start_step and not self.last_eval:
-      self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
-                                self.eval_batches)  # resumed a finished run: evaluate it
-    return state
-
-  def _log_and_eval(self, state) -> bool:
-    """Writes this step's record if one is due; False when the loss is not finite."""
-    tc, step = self.cfg.train, self.step
-    record = {}
-    if step % tc.log_every == 0 or step == tc.steps:
-      host = jax.device_get(self.window)
-      elapsed = max(self.watch.elapsed(), 1e-9)
-      record = metrics_lib.summarize_window(host)
-      record["steps_per_s"] = len(host) / elapsed
-      record["tokens_per_s"] = len(host) * _tokens_per_step(self.cfg) / elapsed
-      record.update(self.flops.rates(record["steps_per_s"]))
-      self.train_time += elapsed
-      self.train_steps += len(host)
-      self.window = []
-      self.watch.restart()
-    if step % tc.eval_every == 0 or step == tc.steps:
-      t0 = time.time()
-      self.last_eval = run_eval(self.eval_step, state["params"], state["moe_bias"],
-                                self.eval_batches)
-      self.watch.exclude(time.time() - t0)
-      record.update(self.last_eval)
-    if record:
-      self.log.write(step, record)
-      if "loss" in record:
-        self.log.progress(step, record, steps_per_s=record["steps_per_s"])
-    return metrics_lib.is_finite_record(record)
-
-  def _diverged(self):
-    self.status = "diverged"
-    logging.warning("non-finite loss at step %d: stopping (status 'diverged')", self.step)
-
-  def _save(self, state) -> bool:
-    """Saves a checkpoint of `state`; False (nothing saved) when a step since the last logging
-    window had a non-finite loss: a diverged state is never saved, whatever asked for it."""
-    if not _finite(self.window, "loss"):
-      return False
-    t0 = time.time()
-    self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state(),
-                           metrics_lib.window_state(self.window))
-    self.last_saved = self.step
-    self.watch.exclude(time.time() - t0)
-    return True
-
-
-def _finite(window, key: str) -> bool:
-  """True unless a not-yet-logged step in `window` has a non-finite `key` (forces a sync)."""
-  if not window:
-    return True
-  vals = np.asarray(jax.device_get([m[key] for m in window]), np.float64)
-  return bool(np.all(np.isfinite(vals)))
 
 
 def _initial_params(cfg, s: Setup):

@@ -236,7 +236,8 @@ def test_out_of_memory_is_one_line_and_the_process_exits(tmp_path, tiny_flags):
         print("raised at", time.time(), file=sys.stderr, flush=True)
         raise jax.errors.JaxRuntimeError(
             "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.")
-      trainer._Loop.run = run
+      from moe.train import loop
+      loop.Loop.run = run
   """, timeout=240)
   ended = time.time()
   assert proc.returncode == 2, proc.stderr[-3000:]

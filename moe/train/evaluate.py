@@ -16,10 +16,10 @@
   split (up to `moe.data.sources.MAX_SPLIT_CHARS["validation"]` characters, packed the same way,
   the same rows chosen: `train.eval_batches` batches, a permutation seeded by
   `moe.data.pipeline.EVAL_SEED`; raise `--config.train.eval_batches` to read more);
-  `text_file` is one document (BOS + the file's tokens under the run's tokenizer + EOS) packed into rows of
-  `data.seq_len + 1` like the data (`moe.data.packing`), every row evaluated, the last batch
-  padded with empty rows (no loss there; their padding tokens are routed, so a layer's load
-  and drop fraction include them);
+  `text_file` is one document (BOS + the file's tokens under the run's tokenizer + EOS) packed
+  into rows of `data.seq_len + 1` like the data (`moe.data.packing`), every row evaluated,
+  the last batch padded with empty rows (no loss there; their padding tokens are routed, so a
+  layer's load and drop fraction include them);
 - the metrics (`moe.train.step.eval_metrics`, MoE layers routing with
   `moe.eval_capacity_factor`): `eval_cross_entropy` (nats/token), `eval_bits_per_byte`,
   `eval_perplexity` (exp of the cross-entropy), `eval_loss`, `eval_moe/dropped_fraction`, and

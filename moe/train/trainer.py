@@ -23,12 +23,13 @@ Phases, in order (each one a few lines below):
                   `train.init_from` (optionally upcycled from a dense model)
   8. step         jit of `moe.train.step.make_train_step` (AdamW, warmup + cosine, clipping,
                   cross-entropy + every MoE layer's aux_loss, moe_bias kept from the forward pass)
-  9. loop         (`moe.train.loop`) train; every `log_every` steps a metrics.jsonl record + TensorBoard + a
-                  progress line; evaluation every `eval_every` and at the end; a checkpoint every
-                  `checkpoint_every` and at the end (with the unlogged metrics window); SIGTERM
-                  or Ctrl-C, also during phases 1-8 -> checkpoint and stop ("preempted");
-                  a non-finite loss stops the run ("diverged"); records carry TFLOP/s per
-                  device and MFU; `train.profile_steps` traces a window of steps
+  9. loop         `moe.train.loop`: every `log_every` steps a metrics.jsonl record +
+                  TensorBoard + a progress line; evaluation every `eval_every` and at the
+                  end; a checkpoint every `checkpoint_every` and at the end (with the
+                  unlogged metrics window); SIGTERM or Ctrl-C, also during phases 1-8
+                  -> checkpoint and stop ("preempted"); a non-finite loss stops the run
+                  ("diverged"); records carry TFLOP/s per device and MFU;
+                  `train.profile_steps` traces a window of steps
  10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, TFLOP/s per
                   device and MFU, wall time, steps; `workdir/load.png` (expert load per layer)
 

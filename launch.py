@@ -226,8 +226,25 @@ class QuietLibraries(std_logging.Filter):
         n in record.pathname for n in self.NOISY)
 
 
+def ignore_closed_event_loops() -> None:
+  """When a checkpoint save fails (a full disk), Orbax's background thread ends its asyncio event
+  loop while TensorStore writes are still in flight; each of them then reports, as an
+  "unraisable" exception, that it could not call back into the closed loop: dozens of identical
+  tracebacks around the one-line error. Those (and only those) are dropped."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(QuietLibraries())
+  ignore_closed_event_loops()
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]} (flags look like --name=value)")
   sys.exit(run(_CONFIG.value))

@@ -201,13 +201,12 @@ def test_full_disk_during_a_save_is_one_line_and_recoverable(tmp_path, tiny_flag
       ck.Checkpointer.save = save
   """)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  # Orbax's and TensorStore's background threads also log the failure (with tracebacks) as
+  # Orbax's background threads also log the failure (absl ERROR lines, no tracebacks) as
   # they wind down, so the error is the one line of launch.py's own, not the last line.
   lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
   assert len(lines) == 1, proc.stderr[-3000:]
   assert lines[0].startswith("error: saving checkpoint 6 in ") and "step 3) is intact" in lines[0]
-  assert "Traceback" not in proc.stderr.split("error: saving checkpoint")[0].split(
-      "raised an exception")[0]  # nothing of the trainer's own before Orbax's thread failed
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # launch.ignore_closed_event_loops
   summary = train.train_and_evaluate(tiny_config(over), workdir)
   assert summary["status"] == "completed" and summary["resumed_from_step"] == 3
   assert [r["step"] for r in read_metrics(workdir)] == [2, 3, 4, 6]  # eval at 3, logs at 2, 4, 6

@@ -218,6 +218,10 @@ class QuietLibraries(std_logging.Filter):
   NOISY = ("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/", "/etils/")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.name == "asyncio" and "/orbax/" in record.getMessage():
+      # A failed save's writes that Orbax's thread no longer awaits: asyncio reports each one
+      # ("Task exception was never retrieved", with a traceback) when it is collected.
+      return False
     if "/orbax/" in record.pathname and record.exc_info:
       # A failed save is reported once, in one line (moe.train.checkpoint.CheckpointError);
       # Orbax's writer threads log it too: keep their line, drop their traceback.

@@ -317,3 +317,33 @@ def test_metrics_truncation_drops_later_and_duplicated_records(tmp_path):
   log.truncate_after(8)
   log.close()
   assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 6, 8]
+
+
+def test_launch_drops_only_the_failed_save_noise():
+  """The two filters behind the full-disk test's "no Traceback": asyncio's report of an Orbax
+  write nobody awaits any more, and TensorStore's "Event loop is closed" unraisables; other
+  records and other unraisable exceptions pass."""
+  import logging as std_logging
+  import launch
+
+  def record(name, msg, path="/x/y.py", level=std_logging.ERROR):
+    return std_logging.LogRecord(name, level, path, 1, msg, None, None)
+
+  quiet = launch.QuietLibraries()
+  orbax_task = ("Task exception was never retrieved\nfuture: <Task finished coro=<write_fragment() "
+                "defined at /venv/site-packages/orbax/checkpoint/_src/serialization.py:188>>")
+  assert not quiet.filter(record("asyncio", orbax_task))
+  assert quiet.filter(record("asyncio", "Task exception was never retrieved\nfuture: <Task mine>"))
+  assert quiet.filter(record("moe", "error in /orbax/ path named by our own code"))
+
+  seen = []
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: seen.append(u.exc_value)
+  try:
+    launch.ignore_closed_event_loops()
+    closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+    for exc in (closed, other):
+      sys.unraisablehook(type("U", (), {"exc_value": exc})())
+  finally:
+    sys.unraisablehook = previous
+  assert seen == [other]

@@ -40,7 +40,6 @@ import re
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe import rundir
@@ -60,36 +59,9 @@ SPLITS = ("validation", "train")
 LAYER_KEYS = ("load", "dropped_fraction", "tokens_dropped_fraction")
 
 
-def make_eval_step(model):
-  """(params, moe_bias, batch) -> `step_lib.make_eval_step`'s sums plus `layer/<name>/<key>` for
-  each MoE layer's load [E] and drop fractions (summed over batches by the caller)."""
-
-  def eval_step(params, moe_bias, batch):
-    variables = {"params": params, **({"moe_bias": moe_bias} if moe_bias else {})}
-    logits, mut = model.apply(variables, batch["inputs"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], train=False,
-                              mutable=["intermediates"])
-    layers = step_lib.moe_layer_stats(mut.get("intermediates", {}))
-    nats, count = step_lib.token_nats(logits, batch["targets"], batch["loss_mask"])
-    out = {"nats": nats, "tokens": count, "bytes": batch["target_bytes"].sum(),
-           "aux_loss": sum((d["aux_loss"] for _, d in layers), jnp.zeros((), jnp.float32)),
-           "batches": jnp.ones((), jnp.float32)}
-    for key in ("dropped_fraction", "tokens_dropped_fraction"):
-      vals = [d[key] for _, d in layers if key in d]
-      if vals:
-        out[key] = sum(vals) / len(vals)
-    for name, d in layers:
-      for key in LAYER_KEYS:
-        if key in d:
-          out[f"layer/{name}/{key}"] = d[key]
-    return out
-
-  return eval_step
-
-
 def evaluate_batches(s: trainer.Setup, params, moe_bias, batches) -> dict:
   """Metrics of `batches` (global, sharded): eval_metrics + perplexity + per-layer means."""
-  step = jax.jit(make_eval_step(s.model))
+  step = jax.jit(step_lib.make_eval_step(s.model, layer_keys=LAYER_KEYS))
   sums: dict = {}
   with sharding_lib.activate(s.mesh):
     for b in batches:

@@ -181,8 +181,10 @@ def make_train_step(model, tx, frozen, schedule) -> Callable:
   return train_step
 
 
-def make_eval_step(model) -> Callable:
-  """(params, moe_bias, batch) -> sums over the batch (added up across batches by the caller)."""
+def make_eval_step(model, layer_keys: tuple[str, ...] = ()) -> Callable:
+  """(params, moe_bias, batch) -> sums over the batch (added up across batches by the caller).
+
+  `layer_keys`: per-layer stats (e.g. "load") also returned as `layer/<name>/<key>`."""
 
   def eval_step(params, moe_bias, batch):
     logits, layers, _ = _forward(model, params, moe_bias, batch, train=False)
@@ -195,6 +197,10 @@ def make_eval_step(model) -> Callable:
       vals = [d[key] for _, d in layers if key in d]
       if vals:
         out[key] = sum(vals) / len(vals)
+    for name, d in layers:
+      for key in layer_keys:
+        if key in d:
+          out[f"layer/{name}/{key}"] = d[key]
     return out
 
   return eval_step

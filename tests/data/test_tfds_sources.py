@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs.default import get_config
 from conftest import one_line_error
+from test_pipeline import _cfg as pipeline_cfg
 from moe.data import pipeline as data_lib
 from moe.data import sources
 
@@ -45,15 +46,8 @@ class TinyTfrecordText(tfds.core.GeneratorBasedBuilder):
 
 
 def _cfg(data_dir, **overrides):
-  cfg = get_config()
-  cfg.data.tfds_data_dir = str(data_dir)
-  cfg.data.seq_len = 16
-  cfg.train.batch_size = 4
-  cfg.train.eval_batches = 2
-  for k, v in overrides.items():
-    group, field = k.split("__")
-    setattr(cfg[group], field, v)
-  return cfg
+  """test_pipeline's tiny config with rows of 16 tokens."""
+  return pipeline_cfg(data_dir, seq_len=16, **overrides)
 
 
 @pytest.fixture

@@ -114,7 +114,8 @@ def get_config(workdir: str):
 # ----------------------------------------------------------------------------- differences
 
 
-def _flat(d: dict) -> dict:
+def flat(d) -> dict:
+  """A config (ConfigDict or dict) as {"group.field": value as config.json holds it}."""
   return trees.flatten(to_dict(d), sep=".")
 
 
@@ -126,7 +127,7 @@ def differences(old: dict, cfg, may_change=(), groups=None) -> list[tuple[str, o
   """[(field, saved value, given value)] for the fields both have that differ (the architecture
   groups first, then by name), leaving out those `may_change` allows (fnmatch patterns) and,
   when given, other groups."""
-  a, b = _flat(old), _flat(cfg)
+  a, b = flat(old), flat(cfg)
   out = []
   order = lambda f: (f.split(".")[0] not in ARCHITECTURE_GROUPS, f)  # noqa: E731
   for field in sorted(set(a) & set(b), key=order):

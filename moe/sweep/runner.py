@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -24,7 +23,6 @@ from typing import Callable
 import jax
 
 from moe import runconfig
-from moe import trees
 from moe.errors import ConfigError
 from moe.rundir import (CONFIG_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file, exists,
                         join, makedirs, read_json, write_json_atomic)
@@ -151,7 +149,7 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
 
 def _flat(d: dict) -> dict:
   """A config dict as {"a.b": value as JSON reads it back}, comparable with a config.json."""
-  out = {k: json.loads(json.dumps(v, default=repr)) for k, v in trees.flatten(d, sep=".").items()}
+  out = runconfig.flat(d)
   out.pop("data.tfds_data_dir", None)  # depends on where the workdir is mounted
   return out
 

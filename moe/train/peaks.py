@@ -66,8 +66,11 @@ def table_peak(device_kind: str, dtype: str) -> Peak | None:
 
 
 def cpu_key() -> str:
-  """What the measured CPU peak depends on: CPU model, core count, jax version."""
+  """What the measured CPU peak depends on: CPU model, the cores this process may use
+  (`moe.train.machine.host_cpus`: a `taskset` or cgroup limit measures a lower peak), jax
+  version."""
   import jax
+  from moe.train import machine
   model = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -75,7 +78,7 @@ def cpu_key() -> str:
     model = names[0] if names else model
   except OSError:
     pass
-  return f"{model} | {os.cpu_count()} cores | jax {jax.__version__}"
+  return f"{model} | {machine.host_cpus()} cores | jax {jax.__version__}"
 
 
 def measure_cpu_peak(n: int = CPU_BENCH_N, rounds: int = 5) -> float:

@@ -1,7 +1,7 @@
 r"""Convert Hugging Face checkpoints to this project's format and back.
 
   python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2 or Mixtral -> our checkpoint
-  python -m moe.convert --from=WORKDIR --to_hf=DIR      # our MoE checkpoint -> Mixtral folder
+  python -m moe.convert --from=WORKDIR --to_hf=DIR      # our checkpoint -> a HF folder (layouts.export_type)
         [--config=configs/x.py --config.moe.num_experts=4]   # when WORKDIR has no config.json
 
 Flags and the config file are read like launch.py's (`moe.cli`: absl flags, `--config=path[:arg]`,
@@ -21,7 +21,7 @@ numpy front end: no PyTorch; export writes the format the same way) and writes i
 - `hf_tokenizer/`: the folder's `tokenizer.json` and its special token ids when present, which
   `moe.inference.generate` then uses instead of the data config's tokenizer.
 
-Supported architectures: see `moe.convert.layouts.SUPPORTED`; anything else is a one-line error
+Supported architectures: see `moe.convert.layouts.SUPPORTED` (one module per family); anything else is a one-line error
 naming `model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
 `transformers.MixtralForCausalLM.from_pretrained` loads (Mixtral routes dropless with renormalized
 top-K: a model trained with a capacity factor computes the same except where it dropped tokens).
@@ -228,7 +228,7 @@ def _groups_of(workdir: str, cfg) -> dict:
 
 
 def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
-  """Exports the newest checkpoint in `workdir` as a Mixtral folder; returns its config.json.
+  """Exports the newest checkpoint in `workdir` as a Hugging Face folder of the type `layouts.export_type` picks; returns its config.json.
   `cfg`: the run's config (a ConfigDict or a config file) when `workdir` has no config.json."""
   try:
     ckpt_lib.resolve(workdir)
@@ -239,16 +239,14 @@ def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
   params = ckpt_lib.load_params(workdir)
   if model.get("vocab_size", -1) in (-1, 0, None):
     model["vocab_size"] = int(np.shape(params["embedding_table"])[0])
-  if moe.get("enabled", True) and moe.get("bias_balancing"):
-    raise ConfigError("--to_hf: moe.bias_balancing=True (a selection bias) has no Mixtral "
-                      "equivalent")
+  hf_type = layouts.export_type(model, moe)
   if model.get("scan_layers"):
     stack = params["blocks"]
     block = lambda i: _index(stack, i)  # noqa: E731
   else:
     block = lambda i: params[f"block_{i}"]  # noqa: E731
   top = {k: v for k, v in params.items() if not k.startswith("block")}
-  config, tensors = layouts.params_to_mixtral(model, moe, block, top)
+  config, tensors = layouts.EXPORTERS[hf_type](model, moe, block, top)
   config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
   source = rundir.join(workdir, CONFIG_FILE)
   if rundir.exists(source):
@@ -315,8 +313,8 @@ def main(argv=None) -> int:
       print(f"converted {spec['source']['model_type']} from {a.from_hf} into {a.to} "
             f"(config: {rundir.join(a.to, CONFIG_PY)})")
     elif src and a.to_hf and not (a.from_hf or a.to):
-      to_hf(src, a.to_hf, cfg)
-      print(f"exported {src} as Mixtral into {a.to_hf}")
+      config = to_hf(src, a.to_hf, cfg)
+      print(f"exported {src} as {config['model_type']} into {a.to_hf}")
     else:
       raise ConfigError("give either --from_hf=DIR --to=WORKDIR or --from=WORKDIR --to_hf=DIR")
   except ConfigError as e:

@@ -34,6 +34,8 @@ def get_config():
   c.model.rope_theta = 10000.0  # rotary base
   c.model.mlp_activation = "swiglu"  # dense FFN: swiglu | gelu
   c.model.attention_bias = False  # biases on attention and dense MLP projections (GPT-2)
+  c.model.qkv_bias = False  # biases on q/k/v only (Qwen2)
+  c.model.qk_norm = config_dict.placeholder(str)  # None | head (Qwen3) | full (OLMoE): RMSNorm of q, k
   c.model.tie_embeddings = False  # output layer shares the embedding matrix
   c.model.sliding_window = config_dict.placeholder(int)  # attend to at most N previous tokens
   c.model.logits_soft_cap = config_dict.placeholder(float)  # tanh cap on the logits

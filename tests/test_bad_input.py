@@ -46,7 +46,7 @@ BY_TYPE = {
     str: [5, 1.5, True],
 }
 # Fields where None is a setting (placeholders, or "from the tokenizer").
-OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap",
+OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap", "model.qk_norm",
             "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size"}
 FILL = "mesh.data=-1 cannot fill"  # a mesh axis too large for the 1 device the table assumes
 
@@ -70,6 +70,8 @@ ROWS = {
     "model.rope_theta": [0.0, -1.0],
     "model.mlp_activation": ["relu"],
     "model.attention_bias": [],
+    "model.qkv_bias": [],
+    "model.qk_norm": ["rms", "Head"],
     "model.tie_embeddings": [],
     "model.sliding_window": [0, -1, BIG],
     "model.logits_soft_cap": [0.0, -1.0],

@@ -10,6 +10,13 @@ Mask: a query attends to a key iff
   sliding window W, query index - key index < W (the query sees at most W tokens, itself
   included, as in Mistral).
 A query that can see nothing (a padding token) gets a zero output instead of NaN.
+
+QK-norm (`model.qk_norm`): queries and keys are RMS-normalised (float32, eps = model.norm_eps, a
+learned float32 scale) right after their projection (and bias), before rotary positions: "head"
+normalises each head's Dh values with one scale [Dh] shared by the heads (Qwen3); "full"
+normalises all H*Dh query values of a token together (all N*Dh key values), scales [H, Dh] and
+[N, Dh] (OLMoE). Params `attn/q_norm/scale`, `attn/k_norm/scale`. The KV cache holds the
+normalised, rotated keys.
 """
 
 from __future__ import annotations
@@ -90,8 +97,29 @@ def dot_product_attention(q_BLHK, k_BSNK, v_BSNK, mask_BLS):
   return out_BLNGK.reshape(B, L, H, Dh)
 
 
+class QkNorm(nn.Module):
+  """RMSNorm of queries or keys [B, L, heads, Dh] over the last axis ("head") or the last two
+  ("full"); computed in float32, returned in the input's dtype. Param `scale` [Dh] or [heads, Dh]."""
+
+  mode: str  # "head" | "full"
+  eps: float
+  heads_axis: str  # logical name of the heads axis: "heads" | "kv_heads"
+
+  @nn.compact
+  def __call__(self, x_BLHK):
+    full = self.mode == "full"
+    shape = x_BLHK.shape[-2:] if full else x_BLHK.shape[-1:]
+    names = (self.heads_axis, "head_dim") if full else ("head_dim",)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, names), shape,
+                       jnp.float32)
+    x32 = x_BLHK.astype(jnp.float32)
+    axes = (-2, -1) if full else (-1,)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + self.eps)
+    return (y * scale).astype(x_BLHK.dtype)
+
+
 class Attention(nn.Module):
-  """Causal self-attention. Params: q [D,H,Dh], k/v [D,N,Dh], o [H,Dh,D] (+ biases)."""
+  """Causal self-attention. Params: q [D,H,Dh], k/v [D,N,Dh], o [H,Dh,D] (+ biases, QK-norm)."""
 
   config: ModelConfig
   decode: bool = False
@@ -102,7 +130,7 @@ class Attention(nn.Module):
     w = self.param(f"{name}_kernel", nn.with_logical_partitioning(kernel_init(fan_in_axes), names),
                    shape, jnp.float32)
     y = project(x, w.astype(dtype), len(fan_in_axes))
-    if cfg.attention_bias:
+    if cfg.attention_bias or (cfg.qkv_bias and name in ("q", "k", "v")):
       b_shape = shape[len(fan_in_axes):]
       b = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    names[len(fan_in_axes):]),
@@ -124,6 +152,9 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
     k = nn.with_logical_constraint(k, ("batch", "length", "act_kv_heads", None))
     v = nn.with_logical_constraint(v, ("batch", "length", "act_kv_heads", None))
+    if cfg.qk_norm is not None:
+      q = QkNorm(cfg.qk_norm, cfg.norm_eps, "heads", name="q_norm")(q)
+      k = QkNorm(cfg.qk_norm, cfg.norm_eps, "kv_heads", name="k_norm")(k)
     if cfg.positions == "rope":
       q = apply_rope(q, positions_BL, cfg.rope_theta)
       k = apply_rope(k, positions_BL, cfg.rope_theta)

@@ -18,6 +18,9 @@ from moe.errors import (INT32_MAX, ConfigError, check_bool, check_choice, check_
 from moe.layer.config import DTYPES, EXPERT_MLPS, MoeConfig, moe_config_from, validate_moe
 
 
+QK_NORMS = (None, "head", "full")  # model.qk_norm: see ModelConfig
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only Transformer LM; `moe=None` makes it dense."""
@@ -36,13 +39,17 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params and router stay float32
   scan_layers: bool = False  # nn.scan over identical blocks
   remat: bool = False  # rematerialize each block in the backward pass
-  # Architecture options used by converted checkpoints (GPT-2, Mixtral).
+  # Architecture options used by converted checkpoints (GPT-2, Mixtral, Llama, Qwen, OLMoE).
   norm: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
   norm_eps: float = 1e-6
   positions: str = "rope"  # "rope" | "learned"
   rope_theta: float = 10000.0
   mlp_activation: str = "swiglu"  # dense FFN: "swiglu" | "gelu"
   attention_bias: bool = False  # biases on q/k/v/o and dense MLP projections
+  qkv_bias: bool = False  # biases on q/k/v only (Qwen2); attention_bias adds them anyway
+  # RMSNorm on queries and keys after projection, before rotary: None | "head" (width Dh, one
+  # scale shared by every head, Qwen3) | "full" (over all H*Dh of q and N*Dh of k, OLMoE).
+  qk_norm: str | None = None
   tie_embeddings: bool = False
   sliding_window: int | None = None  # attend to at most this many previous tokens
   logits_soft_cap: float | None = None
@@ -106,7 +113,7 @@ def validate_model(mc: ModelConfig) -> None:
   if mc.moe is not None and mc.first_moe_layer >= mc.num_layers:
     raise ConfigError(f"model.first_moe_layer ({mc.first_moe_layer}) must be < model.num_layers "
                       f"({mc.num_layers}) with moe.enabled=True, or the model has no MoE block")
-  for f in ("scan_layers", "remat", "attention_bias", "tie_embeddings"):
+  for f in ("scan_layers", "remat", "attention_bias", "qkv_bias", "tie_embeddings"):
     check_bool(f"model.{f}", getattr(mc, f))
   check_number("model.norm_eps", mc.norm_eps, 0.0, math.inf, low_open=True)
   check_number("model.rope_theta", mc.rope_theta, 0.0, math.inf, low_open=True)
@@ -114,6 +121,7 @@ def validate_model(mc: ModelConfig) -> None:
   check_choice("model.dtype", mc.dtype, DTYPES)
   check_choice("model.norm", mc.norm, ("rms", "layer"))
   check_choice("model.positions", mc.positions, ("rope", "learned"))
+  check_choice("model.qk_norm", mc.qk_norm, QK_NORMS)
   check_choice("model.mlp_activation", mc.mlp_activation, EXPERT_MLPS)
   if mc.positions == "rope" and mc.head_dim % 2:
     raise ConfigError(f"model.head_dim must be even with rotary positions, got {mc.head_dim}")

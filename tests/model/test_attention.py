@@ -1,4 +1,5 @@
-"""Attention against a brute-force reference, sliding window, grouped-query heads, KV cache."""
+"""Attention against a brute-force reference (biases, QK-norm), sliding window, grouped-query
+heads, KV cache."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def rope_ref(x_LK, pos_L, theta):
   return out
 
 
+def qk_norm_ref(x_BLHK, scale, mode, eps):
+  """RMSNorm per token over one head ("head", scale [Dh]) or over all heads ("full", [H, Dh]),
+  written out for each (token, head) with plain sums."""
+  b_, l_, h_, dh = x_BLHK.shape
+  out = np.empty_like(x_BLHK)
+  for b in range(b_):
+    for i in range(l_):
+      if mode == "full":
+        flat = x_BLHK[b, i].reshape(-1)
+        out[b, i] = x_BLHK[b, i] / math.sqrt(sum(flat * flat) / flat.size + eps) * scale
+      else:
+        for h in range(h_):
+          row = x_BLHK[b, i, h]
+          out[b, i, h] = row / math.sqrt(sum(row * row) / dh + eps) * scale
+  return out
+
+
 def attention_ref(cfg, p, x_BLD, pos_BL, seg_BL):
   """Plain loops, straight from the definition in moe/model/attention.py's docstring."""
   x = np.asarray(x_BLD, np.float64)
@@ -35,8 +53,11 @@ def attention_ref(cfg, p, x_BLD, pos_BL, seg_BL):
   q = np.einsum("bld,dhk->blhk", x, g("q_kernel"))
   k = np.einsum("bld,dnk->blnk", x, g("k_kernel"))
   v = np.einsum("bld,dnk->blnk", x, g("v_kernel"))
-  if cfg.attention_bias:
+  if cfg.attention_bias or cfg.qkv_bias:
     q, k, v = q + g("q_bias"), k + g("k_bias"), v + g("v_bias")
+  if cfg.qk_norm is not None:
+    q = qk_norm_ref(q, np.asarray(p["q_norm"]["scale"], np.float64), cfg.qk_norm, cfg.norm_eps)
+    k = qk_norm_ref(k, np.asarray(p["k_norm"]["scale"], np.float64), cfg.qk_norm, cfg.norm_eps)
   b_, l_, h_, dh = q.shape
   n_ = k.shape[2]
   out = np.zeros_like(q)
@@ -67,6 +88,11 @@ def attention_ref(cfg, p, x_BLD, pos_BL, seg_BL):
     dict(num_kv_heads=1, sliding_window=3),
     dict(num_kv_heads=4, attention_bias=True, positions="learned"),
     dict(sliding_window=1, rope_theta=100.0),
+    # QK-norm on odd sizes (3 heads, 1 kv head, D=13, Dh=6), with q/k/v-only biases.
+    dict(d_model=13, num_heads=3, num_kv_heads=1, head_dim=6, qk_norm="head", qkv_bias=True,
+         norm_eps=1e-3),
+    dict(d_model=13, num_heads=3, num_kv_heads=3, head_dim=6, qk_norm="full", norm_eps=1e-3),
+    dict(qk_norm="full", attention_bias=True, positions="learned"),
 ])
 def test_attention_matches_reference(kw):
   cfg = tiny(**kw)
@@ -78,9 +104,18 @@ def test_attention_matches_reference(kw):
   attn = Attention(cfg)
   p = jax.jit(attn.init)(jax.random.key(1), x, jnp.asarray(pos), jnp.asarray(seg))["params"]
   p = nn.unbox(p)
-  if cfg.attention_bias:  # non-zero biases so they are exercised
-    p = {n: (a + 0.1 * jnp.asarray(rng.normal(size=a.shape), jnp.float32) if "bias" in n else a)
-         for n, a in p.items()}
+  # Non-zero biases and QK-norm scales away from 1 so they are exercised.
+  p = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape), jnp.float32)
+      if path[-1].key.endswith("bias") or path[-1].key == "scale" else a, p)
+  if not (cfg.attention_bias or cfg.qkv_bias):
+    assert not any("bias" in n for n in p)
+  if cfg.qkv_bias and not cfg.attention_bias:
+    assert {n for n in p if "bias" in n} == {"q_bias", "k_bias", "v_bias"}
+  if cfg.qk_norm is not None:
+    full = cfg.qk_norm == "full"
+    assert p["q_norm"]["scale"].shape == ((cfg.num_heads,) if full else ()) + (cfg.head_dim,)
+    assert p["k_norm"]["scale"].shape == ((cfg.num_kv_heads,) if full else ()) + (cfg.head_dim,)
   y = jax.jit(attn.apply)({"params": p}, x, jnp.asarray(pos), jnp.asarray(seg))
   ref = attention_ref(cfg, p, x, pos, seg)
   np.testing.assert_allclose(np.asarray(y), ref, atol=2e-5, rtol=1e-4)
@@ -129,6 +164,8 @@ def decode_configs():
          pytest.param(tiny(sliding_window=3, scan_layers=True, num_kv_heads=1), id="window_scan")]
   out.append(pytest.param(tiny(moe=dropless_moe(), moe_interval=2, first_moe_layer=1),
                           id="moe"))
+  out.append(pytest.param(tiny(qk_norm="head", qkv_bias=True), id="qk_norm_head"))
+  out.append(pytest.param(tiny(qk_norm="full", num_kv_heads=1), id="qk_norm_full"))
   out.append(pytest.param(tiny(moe=dropless_moe(), scan_layers=True), id="moe_scan",
                           marks=pytest.mark.slow))
   return out

@@ -68,6 +68,13 @@ def get_config():
   c.moe.bias_balancing = False  # auxiliary-loss-free balancing bias
   c.moe.bias_rate = 1e-3  # bias update rate u
   c.moe.router_dtype = "float32"  # float32 | bfloat16 (ablation only)
+  c.moe.score_func = "softmax"  # softmax | sigmoid (DeepSeek-V3 per-expert scores)
+  c.moe.routed_scale = 1.0  # routed combine weights x this (DeepSeek routed_scaling_factor)
+  c.moe.num_groups = 1  # expert groups for group-limited top-K (DeepSeek n_group)
+  c.moe.groups_selected = 1  # groups each token keeps (DeepSeek topk_group)
+  c.moe.group_score = "max"  # max (DeepSeek-V2) | top2_sum (DeepSeek-V3)
+  c.moe.shared_expert_hidden = config_dict.placeholder(int)  # None = moe.expert_hidden
+  c.moe.shared_expert_gate = False  # sigmoid gate on the shared experts (Qwen2-MoE)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500  # optimizer steps

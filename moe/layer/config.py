@@ -19,6 +19,8 @@ PRIORITIES = ("choice_major", "bpr")
 EXPERT_MLPS = ("swiglu", "gelu")
 DISPATCHES = ("auto", "reference", "einsum", "gather", "grouped", "ragged")
 DTYPES = ("float32", "bfloat16")
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,13 @@ class MoeConfig:
   bias_balancing: bool = False  # auxiliary-loss-free bias (selection only)
   bias_rate: float = 1e-3  # u in b_e += u * sign(mean_load - load_e)
   router_dtype: str = "float32"  # one of DTYPES; float32 by default (docs/semantics.md)
+  score_func: str = "softmax"  # one of SCORE_FUNCS; sigmoid = DeepSeek-V3 per-expert scores
+  routed_scale: float = 1.0  # routed combine weights x this, after renormalising (DeepSeek)
+  num_groups: int = 1  # contiguous expert groups for group-limited top-K (DeepSeek n_group)
+  groups_selected: int = 1  # groups each token keeps (DeepSeek topk_group)
+  group_score: str = "max"  # one of GROUP_SCORES: max (DeepSeek-V2) | top2_sum (DeepSeek-V3)
+  shared_expert_hidden: int | None = None  # width of each shared expert; None = expert_hidden
+  shared_expert_gate: bool = False  # shared output x sigmoid(x @ w[D, 1]) (Qwen2-MoE)
 
   def capacity_factor_for(self, train: bool) -> float | None:
     return self.capacity_factor if train else self.eval_capacity_factor
@@ -89,6 +98,42 @@ def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> N
     if m.priority == "bpr":
       raise ConfigError(f"{prefix}.priority='bpr' reads future tokens in a causal decoder; "
                         f"set {prefix}.allow_noncausal_routing=True to force it")
+  _validate_router_options(m, prefix)
   if m.router == "expert_choice" and m.capacity_factor is None:
     raise ConfigError(f"{prefix}.capacity_factor must be > 0 for router='expert_choice' "
                       f"(each expert takes C tokens), got None")
+
+
+def _validate_router_options(m: MoeConfig, prefix: str) -> None:
+  """Score function, routed scale, expert groups and the shared experts' width and gate."""
+  check_choice(f"{prefix}.score_func", m.score_func, SCORE_FUNCS)
+  check_choice(f"{prefix}.group_score", m.group_score, GROUP_SCORES)
+  check_number(f"{prefix}.routed_scale", m.routed_scale, 0.0, math.inf, low_open=True)
+  check_int(f"{prefix}.num_groups", m.num_groups, 1, high=INT32_MAX)
+  check_int(f"{prefix}.groups_selected", m.groups_selected, 1, high=INT32_MAX)
+  check_int(f"{prefix}.shared_expert_hidden", m.shared_expert_hidden, 1, high=INT32_MAX,
+            allow_none=True)
+  check_bool(f"{prefix}.shared_expert_gate", m.shared_expert_gate)
+  if m.num_experts % m.num_groups:
+    raise ConfigError(f"{prefix}.num_groups ({m.num_groups}) must divide "
+                      f"{prefix}.num_experts (E={m.num_experts})")
+  per_group = m.num_experts // m.num_groups
+  if m.num_groups > 1:
+    if m.groups_selected > m.num_groups:
+      raise ConfigError(f"{prefix}.groups_selected ({m.groups_selected}) must be <= "
+                        f"{prefix}.num_groups ({m.num_groups})")
+    if m.num_selected > m.groups_selected * per_group:
+      raise ConfigError(f"{prefix}.num_selected (K={m.num_selected}) must be <= "
+                        f"{prefix}.groups_selected * num_experts / num_groups "
+                        f"(= {m.groups_selected * per_group})")
+    if m.group_score == "top2_sum" and per_group < 2:
+      raise ConfigError(f"{prefix}.group_score='top2_sum' needs >= 2 experts per group, "
+                        f"got num_experts / num_groups = {per_group}")
+  routed = (("score_func", m.score_func, "softmax"), ("routed_scale", m.routed_scale, 1.0),
+            ("num_groups", m.num_groups, 1))
+  for name, value, default in routed:
+    if m.router == "expert_choice" and value != default:
+      raise ConfigError(f"{prefix}.{name}={value!r} needs {prefix}.router='token_choice' "
+                        f"(expert choice supports only {name}={default!r})")
+  if m.shared_expert_gate and not m.num_shared_experts:
+    raise ConfigError(f"{prefix}.shared_expert_gate=True needs {prefix}.num_shared_experts >= 1")

@@ -9,12 +9,17 @@
    not a multiple of the group size, the last group is filled up with padding tokens (zeros,
    masked out): they are never routed, never counted in losses or metrics, and cut off again
    from the output. Capacity is computed per group from T (padding slots included).
-3. Routes in float32 (`Router`): token choice top-K (`moe.layer.routing.top_k_routing`) or expert
-   choice (`moe.layer.routing.expert_choice_routing`, with C = the same per-expert buffer a
+3. Routes in float32 (`Router`): token choice top-K (`moe.layer.routing.top_k_routing`, with
+   softmax or sigmoid scores, optional group-limited selection and routed scale: `score_func`,
+   `num_groups`, `groups_selected`, `group_score`, `routed_scale`) or expert choice
+   (`moe.layer.routing.expert_choice_routing`, with C = the same per-expert buffer a
    token-choice layer of this config would get, so both spend the same expert FLOPs), with the
    train or eval capacity factor.
 4. Runs the routed experts through `moe.layer.dispatch.apply_experts` with the configured strategy,
-   adds the shared experts (always on), and returns y in `dtype`.
+   adds the shared experts (always on; `num_shared_experts` experts of width
+   `shared_expert_hidden or expert_hidden`, params `shared/{w_in,w_gate,w_out}`; with
+   `shared_expert_gate` their sum is multiplied per token by sigmoid(x @ `shared/gate` [D, 1]),
+   as Qwen2-MoE), and returns y in `dtype`.
 5. Sows two dicts into `intermediates` (`moe.layer.sown`, which also reads them back per
    layer): `moe` (aux_loss, load_balance_loss, z_loss, load, max_over_mean_load,
    dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, bias_norm) and
@@ -127,14 +132,17 @@ class Experts(nn.Module):
 
 
 class SharedExperts(nn.Module):
-  """`num` always-on experts of width F each, stored as one dense MLP of width num*F
+  """`num` always-on experts of width `hidden` each, stored as one dense MLP of width num*hidden
   (the sum of the experts' outputs equals one MLP over their concatenated hidden units):
-  w_in/w_gate [D, S*F] ('embed', 'mlp'), w_out [S*F, D] ('mlp', 'embed')."""
+  w_in/w_gate [D, S*F] ('embed', 'mlp'), w_out [S*F, D] ('mlp', 'embed'). With `gated`
+  (Qwen2-MoE's shared_expert_gate) the output is multiplied per token by sigmoid(x @ gate),
+  gate [D, 1] ('embed', None) at `shared/gate`."""
 
   num: int
   hidden: int
   expert_mlp: str = "swiglu"
   dtype: jnp.dtype = jnp.float32
+  gated: bool = False
 
   @nn.compact
   def __call__(self, x_NTD):
@@ -148,6 +156,9 @@ class SharedExperts(nn.Module):
     # The routed experts' own FFN (moe.layer.dispatch): shared and routed experts cannot disagree.
     y = dispatch.expert_ffn(x, w_in.astype(self.dtype), w_gate, w_out.astype(self.dtype),
                             self.expert_mlp)
+    if self.gated:
+      gate_D1 = _param(self, "gate", _init(0), ("embed", None), (d, 1)).astype(self.dtype)
+      y = y * jax.nn.sigmoid(x @ gate_D1)
     return y.astype(self.dtype)
 
 
@@ -212,7 +223,9 @@ class MoeLayer(nn.Module):
                                                  padding_mask=mask_GT)
       return routing_lib.top_k_routing(
           logits_GTE, num_selected=k, capacity=capacity, priority=cfg.priority, bias=bias_E,
-          padding_mask=mask_GT, renormalize=cfg.renormalize)
+          padding_mask=mask_GT, renormalize=cfg.renormalize, score_func=cfg.score_func,
+          routed_scale=cfg.routed_scale, num_groups=cfg.num_groups,
+          groups_selected=cfg.groups_selected, group_score=cfg.group_score)
 
     bias_E = None if bias_var is None else jax.lax.stop_gradient(bias_var.value)
     routing = (route(logits_GTE, mask_GT, bias_E) if ep is None
@@ -223,8 +236,9 @@ class MoeLayer(nn.Module):
                     name="experts")(x_GTD, routing)
     y_BLD = y_GTD.reshape(g * t, d)[:n].reshape(b, l, d)
     if cfg.num_shared_experts:
-      y_BLD = y_BLD + SharedExperts(cfg.num_shared_experts, cfg.expert_hidden, cfg.expert_mlp,
-                                    self.dtype, name="shared")(x_BLD)
+      shared_hidden = cfg.shared_expert_hidden or cfg.expert_hidden
+      y_BLD = y_BLD + SharedExperts(cfg.num_shared_experts, shared_hidden, cfg.expert_mlp,
+                                    self.dtype, cfg.shared_expert_gate, name="shared")(x_BLD)
 
     lb = routing_lib.load_balancing_loss(routing)
     z = routing_lib.router_z_loss(routing)

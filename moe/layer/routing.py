@@ -36,7 +36,9 @@ class Routing:
       assignment was dropped or the token is padding.
   slot[G, T, K] int32: the assignment's position in its expert's buffer, in [0, C) with capacity,
       in [0, T*K) dropless; -1 where dropped or padding.
-  probs[G, T, E] float32: softmax of the router logits (before any balancing bias).
+  probs[G, T, E] float32: softmax of the router logits (before any balancing bias); with sigmoid
+      scores (`top_k_routing(score_func="sigmoid")`) sigmoid(logits) normalised to sum 1 per
+      token. Feeds the balancing loss (P_e), router_entropy, top1_prob and BPR priority.
   logits[G, T, E] float32: router logits.
   token_mask[G, T] bool: True for real (non-padding) tokens.
   capacity: C (static int), or None when dropless.
@@ -126,38 +128,106 @@ def _buffer_positions(expert_TK, valid_TK, order_T, num_experts):
   return pos_TK
 
 
-def top_k_routing(logits, *, num_selected: int, capacity: int | None,
-                  priority: str = "choice_major", bias=None, padding_mask=None,
-                  renormalize: bool = True) -> Routing:
-  """Token-choice top-K routing with an optional per-expert capacity.
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
 
-  logits [G, T, E] or [T, E] (a 2-D input returns 2-D arrays). `bias` [E] is added to the
-  probabilities for selection only; combine weights are the unbiased probs of the chosen
-  experts, divided by their sum over the K choices when `renormalize` (before dropping: a
-  dropped choice does not reweight the survivors). `capacity` None = dropless. On overflow an
-  expert keeps assignments in priority order: choice-major, then token order ("choice_major")
-  or tokens by descending top-1 probability, ties by token order ("bpr"). Padding tokens
-  (`padding_mask` False) are never routed and never take a buffer slot.
+
+def _group_mask(select_GTE, num_groups: int, groups_selected: int, group_score: str):
+  """[G, T, E] bool: the experts in each token's `groups_selected` best expert groups.
+
+  The E experts form `num_groups` contiguous groups of E/num_groups; a group's score is the max
+  ("max", DeepSeek-V2 group_limited_greedy) or the sum of the two largest ("top2_sum",
+  DeepSeek-V3) selection scores in it. Ties go to the lower group index.
   """
-  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
-  e = logits_GTE.shape[-1]
+  g, t, e = select_GTE.shape
+  per_group = select_GTE.reshape(g, t, num_groups, e // num_groups)
+  if group_score == "max":
+    group_GTN = per_group.max(-1)
+  else:
+    group_GTN = jax.lax.top_k(per_group, 2)[0].sum(-1)
+  _, best_GTS = jax.lax.top_k(group_GTN, groups_selected)
+  keep_GTN = jnp.zeros(group_GTN.shape, bool).at[
+      jnp.arange(g)[:, None, None], jnp.arange(t)[None, :, None], best_GTS].set(True)
+  return jnp.repeat(keep_GTN, e // num_groups, axis=-1)
+
+
+def _select(logits_GTE, num_selected, bias, score_func, num_groups, groups_selected,
+            group_score, renormalize, routed_scale):
+  """(expert [G,T,K] int32, gate [G,T,K] f32, probs [G,T,E] f32): choices, combine weights
+  (before capacity) and `Routing.probs` (see `top_k_routing`)."""
+  if score_func == "sigmoid":
+    scores_GTE = jax.nn.sigmoid(logits_GTE)
+    probs_GTE = scores_GTE / jnp.maximum(scores_GTE.sum(-1, keepdims=True),
+                                         jnp.finfo(jnp.float32).tiny)
+  else:
+    scores_GTE = probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
+  select_GTE = scores_GTE if bias is None else scores_GTE + jnp.asarray(bias, jnp.float32)
+  if num_groups > 1:
+    select_GTE = jnp.where(_group_mask(select_GTE, num_groups, groups_selected, group_score),
+                           select_GTE, -jnp.inf)
+  _, expert_GTK = jax.lax.top_k(select_GTE, num_selected)
+  expert_GTK = expert_GTK.astype(jnp.int32)
+  gate_GTK = jnp.take_along_axis(scores_GTE, expert_GTK, axis=-1)
+  if renormalize and score_func == "sigmoid":  # DeepSeek-V3: s_k / (sum of the K s + 1e-20)
+    gate_GTK = gate_GTK / (gate_GTK.sum(-1, keepdims=True) + 1e-20)
+  elif renormalize:
+    gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True),
+                                      jnp.finfo(jnp.float32).tiny)
+  if routed_scale != 1.0:
+    gate_GTK = gate_GTK * jnp.float32(routed_scale)
+  return expert_GTK, gate_GTK, probs_GTE
+
+
+def _check_top_k_args(e, num_selected, priority, capacity, score_func, num_groups,
+                      groups_selected, group_score):
   if not isinstance(num_selected, int) or not 1 <= num_selected <= e:
     raise ValueError(f"num_selected must be an int in [1, E={e}], got {num_selected!r}")
   if priority not in ("choice_major", "bpr"):
     raise ValueError(f"priority must be one of ['choice_major', 'bpr'], got {priority!r}")
   if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
     raise ValueError(f"capacity must be a static int >= 0 or None, got {capacity!r}")
+  if score_func not in SCORE_FUNCS:
+    raise ValueError(f"score_func must be one of {list(SCORE_FUNCS)}, got {score_func!r}")
+  if group_score not in GROUP_SCORES:
+    raise ValueError(f"group_score must be one of {list(GROUP_SCORES)}, got {group_score!r}")
+  if not isinstance(num_groups, int) or num_groups < 1 or e % num_groups:
+    raise ValueError(f"num_groups must be an int >= 1 dividing E={e}, got {num_groups!r}")
+  if num_groups > 1 and not (
+      isinstance(groups_selected, int) and 1 <= groups_selected <= num_groups
+      and num_selected <= groups_selected * (e // num_groups)
+      and (group_score == "max" or e // num_groups >= 2)):
+    raise ValueError(f"groups_selected={groups_selected!r} with num_groups={num_groups}, E={e}, "
+                     f"K={num_selected}, group_score={group_score!r} leaves fewer than K experts")
 
-  probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
-  scores_GTE = probs_GTE
-  if bias is not None:
-    scores_GTE = probs_GTE + jnp.asarray(bias, jnp.float32)
-  _, expert_GTK = jax.lax.top_k(scores_GTE, num_selected)
-  expert_GTK = expert_GTK.astype(jnp.int32)
-  gate_GTK = jnp.take_along_axis(probs_GTE, expert_GTK, axis=-1)
-  if renormalize:
-    gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True),
-                                      jnp.finfo(jnp.float32).tiny)
+
+def top_k_routing(logits, *, num_selected: int, capacity: int | None,
+                  priority: str = "choice_major", bias=None, padding_mask=None,
+                  renormalize: bool = True, score_func: str = "softmax",
+                  routed_scale: float = 1.0, num_groups: int = 1, groups_selected: int = 1,
+                  group_score: str = "max") -> Routing:
+  """Token-choice top-K routing with an optional per-expert capacity.
+
+  logits [G, T, E] or [T, E] (a 2-D input returns 2-D arrays). Per-expert scores s are
+  softmax(logits) or, with `score_func="sigmoid"` (DeepSeek-V3), sigmoid(logits). `bias` [E] is
+  added to s for selection only (with sigmoid this is DeepSeek-V3's e_score_correction_bias).
+  With `num_groups > 1` a token first keeps its `groups_selected` best expert groups (see
+  `_group_mask`; group scores use the biased s) and then takes its top-K among their experts.
+  Combine weights are the unbiased s of the chosen experts, divided by their sum over the K
+  choices when `renormalize` (before dropping: a dropped choice does not reweight the
+  survivors; sigmoid divides by sum + 1e-20 like DeepSeek-V3), then multiplied by
+  `routed_scale`. `Routing.probs` holds softmax(logits), or with sigmoid s / sum_e s (a
+  distribution per token, for the balancing loss and metrics). `capacity` None = dropless. On
+  overflow an expert keeps assignments in priority order: choice-major, then token order
+  ("choice_major") or tokens by descending top-1 prob, ties by token order ("bpr"). Padding
+  tokens (`padding_mask` False) are never routed and never take a buffer slot.
+  """
+  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
+  e = logits_GTE.shape[-1]
+  _check_top_k_args(e, num_selected, priority, capacity, score_func, num_groups,
+                    groups_selected, group_score)
+  expert_GTK, gate_GTK, probs_GTE = _select(
+      logits_GTE, num_selected, bias, score_func, num_groups, groups_selected, group_score,
+      renormalize, routed_scale)
 
   valid_GTK = jnp.broadcast_to(mask_GT[..., None], expert_GTK.shape)
   t = logits_GTE.shape[1]

@@ -73,9 +73,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   router = experts = 0.0
   if cfg.moe is not None and moe_blocks:
     m = cfg.moe
-    active = m.num_selected + m.num_shared_experts
-    router = moe_blocks * 2.0 * D * m.num_experts
-    experts = moe_blocks * 2.0 * mlp_matrices(m.expert_mlp) * D * m.expert_hidden * active
+    shared_hidden = m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
+    active_hidden = m.num_selected * m.expert_hidden + shared_hidden
+    router = moe_blocks * 2.0 * D * (m.num_experts + int(m.shared_expert_gate))
+    experts = moe_blocks * 2.0 * mlp_matrices(m.expert_mlp) * D * active_hidden
   return FlopCount(
       attention_proj=cfg.num_layers * 2.0 * D * Dh * (2 * H + 2 * N),
       attention_scores=cfg.num_layers * 2.0 * 2 * H * Dh * ctx,

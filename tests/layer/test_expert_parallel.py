@@ -103,6 +103,19 @@ LAYER_CASES = {
                            min_capacity=1, router="expert_choice", allow_noncausal_routing=True, group_size=6,
                            num_shared_experts=1),
                       [(2, 1, 4, 1)]),
+    # DeepSeek-V3 / Qwen2-MoE routing: sigmoid scores + correction bias, 4 groups keep 2,
+    # routed scale, gated shared expert of its own width; with drops and dropless
+    "deepseek": (dict(num_experts=8, num_selected=2, expert_hidden=16, capacity_factor=1.0,
+                      min_capacity=1, group_size=6, score_func="sigmoid", routed_scale=2.5,
+                      num_groups=4, groups_selected=2, group_score="top2_sum",
+                      bias_balancing=True, bias_rate=0.1, num_shared_experts=1,
+                      shared_expert_hidden=12, shared_expert_gate=True),
+                 [(2, 1, 4, 1)]),
+    "deepseek_dropless": (dict(num_experts=8, num_selected=3, expert_hidden=16,
+                               capacity_factor=None, group_size=3, score_func="sigmoid",
+                               num_groups=4, groups_selected=2, group_score="max",
+                               renormalize=False),
+                          [(1, 1, 8, 1)]),
 }
 
 

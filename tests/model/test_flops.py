@@ -59,7 +59,9 @@ def test_mean_causal_context(length, window, expected):
 
 @pytest.mark.parametrize("kw", [
     {}, {"moe": None}, {"num_kv_heads": 4, "mlp_activation": "swiglu"},
-    {"moe_interval": 1, "first_moe_layer": 0}, {"tie_embeddings": True}])
+    {"moe_interval": 1, "first_moe_layer": 0}, {"tie_embeddings": True},
+    {"moe": MoeConfig(num_experts=4, num_selected=2, expert_hidden=16, num_shared_experts=2,
+                      shared_expert_hidden=12, shared_expert_gate=True)}])
 def test_matmul_flops_are_twice_the_active_matmul_params(kw):
   """Without attention scores, forward FLOPs = 2 x the active parameters a token multiplies by:
   everything but the embedding lookup and the norm scales (RMSNorm, no biases, rotary)."""

@@ -17,7 +17,7 @@ from moe.errors import (INT32_MAX, ConfigError, check_bool, check_choice, check_
 ROUTERS = ("token_choice", "expert_choice")
 PRIORITIES = ("choice_major", "bpr")
 EXPERT_MLPS = ("swiglu", "gelu")
-DISPATCHES = ("auto", "reference", "einsum", "gather", "grouped", "ragged")
+DISPATCHES = ("auto", "reference", "einsum", "gather", "grouped", "ragged", "megablox")
 DTYPES = ("float32", "bfloat16")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")

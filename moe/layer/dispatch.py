@@ -20,11 +20,26 @@ Strategies:
              tiles runs each tile's expert FFN (grouped.py). Dropless and capacity.
   ragged     rows sorted by expert, `jax.lax.ragged_dot` with per-expert group sizes (the XLA
              grouped matmul; megablox-like kernels on TPU/GPU). Dropless and capacity.
+  megablox   rows sorted by expert as in `ragged`, JAX's Pallas TPU grouped matmul (megablox
+             gmm / tgmm, as MaxText uses it) with a custom VJP (megablox.py). Dropless and
+             capacity. Compiled on TPU, interpret mode on CPU (tests), refused elsewhere.
+
+Checked on CPU against `reference` (tests/layer/test_dispatch.py): every strategy, `megablox`
+in the kernel's interpret mode (the kernel body as ordinary JAX ops). Only on an accelerator:
+`megablox` compiled by Mosaic (TPU; not yet run), and what XLA makes of `ragged_dot` on GPU/TPU
+(experiments/accelerator_check.py). No GPU grouped-matmul kernel is a strategy: the installed
+jax's Pallas GPU grouped matmuls (jax/experimental/pallas/ops/gpu/ragged_dot_mgpu.py and
+transposed_ragged_dot_mgpu.py, Mosaic GPU, Hopper/Blackwell only) expose no interpret mode, so
+they cannot be checked against `reference` here; on GPU `ragged` is `ragged_dot`, which jax can
+lower through Pallas/Triton under the flag jax_ragged_dot_use_gpu_pallas_triton_lowering
+(measured as a variant by the accelerator check, not a strategy).
 
 `auto` picks per backend (resolve_strategy), from measurements where the project has them:
 CPU from experiments/bench_moe_layer.py, GPU from experiments/accelerator_check.py on one H200
 (BENCHMARKS.md, "Accelerator check"). TPU has no measurement yet: `gather` with a capacity and
-`ragged` dropless (ragged_dot lowers to a grouped matmul there).
+`ragged` dropless (ragged_dot lowers to a grouped matmul there); `megablox`, the kernel written
+for TPU, is not measured either, so `auto` does not pick it until the accelerator check has run on
+a TPU.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import jax.numpy as jnp
 
 from moe.layer.activation import activate
 from moe.layer import grouped
+from moe.layer import megablox
 from moe.layer import rows
 from moe.layer.config import DISPATCHES, EXPERT_MLPS
 from moe.errors import ConfigError, check_choice
@@ -48,7 +64,7 @@ CAPACITY_ONLY = ("einsum", "gather")
 #   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
 #   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a
 #   dense [E, T*K, D] product and ran out of memory). ROCm follows CUDA, unmeasured.
-# - tpu: not measured.
+# - tpu: not measured (nor is megablox, which is why auto does not pick it).
 AUTO = {
     "cpu": ("grouped", "grouped"),
     "gpu": ("gather", "grouped"),
@@ -58,9 +74,27 @@ AUTO = {
 }
 
 
+# Strategies that run only on some backends (a kernel written for one kind of chip).
+BACKENDS = {"megablox": megablox.BACKENDS}
+
+
+def unavailable(strategy: str, backend: str | None = None) -> str | None:
+  """Why `strategy` cannot run on `backend` (default: jax's), in a few words; None if it can."""
+  backend = backend or jax.default_backend()
+  allowed = BACKENDS.get(strategy)
+  if allowed is None or backend in allowed:
+    return None
+  return f"{strategy} runs on {' and '.join(allowed)} only (a Pallas TPU kernel), not {backend}"
+
+
 def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = None) -> str:
-  """The concrete strategy for a request. Raises ConfigError (one line) for bad requests."""
+  """The concrete strategy for a request. Raises ConfigError (one line) for bad requests, before
+  anything is compiled."""
   check_choice("moe.dispatch", strategy, DISPATCHES)
+  why = unavailable(strategy, backend)
+  if why:
+    raise ConfigError(f"moe.dispatch={strategy!r}: {why}; use one of "
+                      f"{[s for s in DISPATCHES if s not in BACKENDS]}")
   if strategy == "auto":
     backend = backend or jax.default_backend()
     with_capacity, dropless = AUTO.get(backend, AUTO["gpu"])
@@ -168,8 +202,23 @@ def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   return rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 
+def _megablox(x_GTD, routing, w_in, w_gate, w_out, activation):
+  G, T, D = x_GTD.shape
+  E = w_in.shape[0]
+  A = routing.expert_index.size
+  rows_per_expert = A / E if routing.capacity is None else min(A / E, G * routing.capacity)
+  tm = megablox.row_tile(rows_per_expert)
+  layout, counts = rows.packed_layout(routing.expert_index, routing.slot, E)
+  x_RD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
+  x_RD = jnp.pad(x_RD, ((0, -A % tm), (0, 0)))  # rows to a multiple of the row tile
+  y_RD = megablox.grouped_ffn(x_RD, counts, w_in, w_gate, w_out, row_tile=tm,
+                              activation=activation, interpret=jax.default_backend() != "tpu")
+  w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
+  return rows.combine_rows(y_RD[:A], w_NK, layout).reshape(G, T, D)
+
+
 _IMPLS = {"reference": _reference, "einsum": _einsum, "gather": _gather, "grouped": _grouped,
-          "ragged": _ragged}
+          "ragged": _ragged, "megablox": _megablox}
 
 
 def apply_experts(x_GTD, routing: Routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,

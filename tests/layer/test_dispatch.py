@@ -8,6 +8,7 @@ import pytest
 
 from moe.layer import dispatch
 from moe.layer import grouped
+from moe.layer import megablox
 from moe.layer import rows
 from moe.layer import routing as routing_lib
 from moe.errors import ConfigError
@@ -80,7 +81,7 @@ def assert_close(a, b, tol, what):
 
 
 CASES = [("einsum", 9), ("gather", 9), ("grouped", 9), ("grouped", None), ("ragged", 9),
-         ("ragged", None)]
+         ("ragged", None), ("megablox", 9), ("megablox", None)]
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -168,7 +169,7 @@ def test_bfloat16_runs_and_is_close(strategy, capacity):
   assert np.all(np.isfinite(np.asarray(gx, np.float32))) and np.all(np.isfinite(np.asarray(gw)))
 
 
-@pytest.mark.parametrize("strategy", ["grouped", "ragged"])
+@pytest.mark.parametrize("strategy", ["grouped", "ragged", "megablox"])
 def test_dropless_with_everything_on_one_expert(strategy):
   """The worst imbalance: every token's first choice is expert 0 (more than a tile, a group)."""
   routing = make_routing(jax.random.PRNGKey(9), capacity=None, skew=50.0, pad_fraction=0.0)
@@ -222,6 +223,55 @@ def test_grouped_ffn_any_tile_matches_per_row_ffn(tile):
     assert_close(a, b, 1e-5, "grad")
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_megablox_ffn_small_tiles_match_per_row_ffn(monkeypatch, activation):
+  """The kernel FFN on its own, with tiles smaller than every width so that each matmul runs
+  several k and n tiles with a remainder (12 = 8 + 4, 20 = 8 + 8 + 4), row tiles shared by two
+  experts, an empty expert and padding rows; values and all gradients vs a per-row FFN."""
+  monkeypatch.setattr(megablox, "LANE_TILE_MAX", 8)
+  monkeypatch.setattr(megablox, "LANE", 4)
+  assert (megablox.lane_tile(D), megablox.lane_tile(F)) == (8, 8)
+  counts = jnp.asarray([13, 0, 21, 5, 9], jnp.int32)  # 48 rows used, expert 1 empty
+  R, tm = 64, 16
+  x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(19), activation)
+  x_RD = jax.random.normal(jax.random.PRNGKey(20), (R, D))
+  used = np.arange(R) < int(counts.sum())
+  row_expert = np.zeros(R, np.int32)  # padding rows: any expert, masked below
+  row_expert[used] = np.repeat(np.arange(E), np.asarray(counts))
+
+  def by_kernel(x_RD, w_in, w_gate, w_out):
+    return megablox.grouped_ffn(x_RD, counts, w_in, w_gate, w_out, row_tile=tm,
+                                activation=activation, interpret=True)
+
+  def by_rows(x_RD, w_in, w_gate, w_out):
+    y = jax.vmap(lambda xr, e: dispatch.expert_ffn(
+        xr, w_in[e], None if w_gate is None else w_gate[e], w_out[e], activation))(
+            x_RD, jnp.asarray(row_expert))
+    return jnp.where(jnp.asarray(used)[:, None], y, 0.0)
+
+  proj = jax.random.normal(jax.random.PRNGKey(21), (R, D))
+  argnums = (0, 1, 2, 3) if activation == "swiglu" else (0, 1, 3)
+  args = (x_RD, w_in, w_gate, w_out)
+  got = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(by_kernel(*a) * proj), argnums))(*args)
+  want = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(by_rows(*a) * proj), argnums))(*args)
+  y = by_kernel(*args)
+  assert np.all(np.asarray(y)[~used] == 0.0) and np.all(np.isfinite(np.asarray(y)))
+  assert_close(y, by_rows(*args), 1e-5, "rows")  # (the summed value cancels: not compared)
+  for a, b in zip(got[1], want[1]):
+    assert float(jnp.abs(b).max()) > 0
+    assert_close(a, b, 1e-5, "grad")
+  assert np.all(np.asarray(got[1][1])[1] == 0.0)  # the empty expert's weight gradient
+  with pytest.raises(ValueError, match="row tile"):
+    megablox.grouped_ffn(x_RD[:60], counts, w_in, w_gate, w_out, row_tile=tm,
+                         activation=activation, interpret=True)
+
+
+def test_megablox_tiles():
+  assert [megablox.lane_tile(d) for d in (12, 1024, 1408, 2048, 5000)] == [12, 1024, 768, 1024,
+                                                                            1024]
+  assert [megablox.row_tile(r) for r in (3, 44, 64, 6144)] == [16, 32, 64, 512]
+
+
 def test_with_the_project_router():
   """The routers of moe.layer.routing (token choice with capacity, dropless, expert choice) feed every
   strategy unchanged."""
@@ -262,6 +312,17 @@ def test_resolve_strategy():
       dispatch.resolve_strategy(s, None, "cpu")
   with pytest.raises(ConfigError, match=r"moe\.dispatch must be one of"):
     dispatch.resolve_strategy("scatter", 10, "cpu")
+  # The Pallas TPU kernel: TPU (compiled) and CPU (interpret mode) only; never picked by auto.
+  for backend in ("tpu", "cpu"):
+    assert dispatch.resolve_strategy("megablox", None, backend) == "megablox"
+    assert dispatch.unavailable("megablox", backend) is None
+  for backend in ("gpu", "cuda", "rocm"):
+    assert "megablox" not in (dispatch.resolve_strategy("auto", c, backend) for c in (None, 10))
+    assert "not " + backend in dispatch.unavailable("megablox", backend)
+    with pytest.raises(ConfigError, match=r"^moe\.dispatch='megablox': .*not " + backend):
+      dispatch.resolve_strategy("megablox", 10, backend)
+  assert all(dispatch.unavailable(s, "gpu") is None for s in dispatch.STRATEGIES
+             if s != "megablox")
 
 
 def test_bad_inputs_raise_before_compiling():

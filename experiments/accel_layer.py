@@ -2,6 +2,9 @@
 
 Section 2 checks every strategy's output and gradients against 'reference'; section 3 times the
 whole bf16 MoeLayer's forward+backward per strategy against a dense FFN at large shapes.
+A strategy whose kernel the backend lacks (`moe.layer.dispatch.unavailable`: `megablox` off
+TPU and CPU) is skipped in both with that reason; `megablox` is timed on TPU only (on CPU it
+runs in interpret mode: checked in section 2, not a speed).
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ def corr_row(ctx, strategy, dtype, label, cap, dropped, ref, run, ref_f32=None) 
   if cap is None and strategy in dispatch.CAPACITY_ONLY:
     row["skipped"] = "capacity only"
     return row
+  if dispatch.unavailable(strategy):
+    row["skipped"] = dispatch.unavailable(strategy)
+    return row
   if ref is None or ctx.left("correctness") < 1:
     row["skipped"] = "time budget"
     return row
@@ -159,7 +165,8 @@ def bench_entries(gpu: bool):
   """(strategy, capacity factor, group size key, extra flag) in priority order: if the time
   box cuts section 3 short, the entries that decide what 'auto' should pick ran first."""
   entries = [("gather", 1.25, None, None), ("ragged", None, None, None),
-             ("grouped", 1.25, None, None), ("ragged", 1.25, None, None),
+             ("megablox", None, None, None), ("grouped", 1.25, None, None),
+             ("ragged", 1.25, None, None), ("megablox", 1.25, None, None),
              ("grouped", None, None, None), ("einsum", 1.25, "einsum_group", None),
              ("reference", 1.25, None, None)]
   if gpu:  # jax's optional Pallas/Triton lowering of ragged_dot (a config flag, not a strategy)
@@ -172,7 +179,7 @@ def estimate_bytes(s: dict, strategy: str, cap, groups: int) -> float:
   T, D, F, E, K = s["T"], s["D"], s["F"], s["E"], s["K"]
   weights = 3 * E * D * F * (4 + 4 + 2 + 2)  # f32 params and grads, bf16 copies and grads
   rows = {"reference": T * E, "einsum": E * groups * (cap or 0), "gather": E * groups * (cap or 0),
-          "grouped": T * K + E * 256, "ragged": T * K}[strategy]
+          "grouped": T * K + E * 256, "ragged": T * K, "megablox": T * K + 512}[strategy]
   per_row = (2 * D + 3 * F) * 2 * 2  # x, y, h_in, h_gate, act rows in bf16, saved + backward
   extra = 0.0
   if strategy == "einsum":  # one-hot dispatch/combine [G, T/G, E, C] (f32 + bf16), fwd + bwd
@@ -285,6 +292,17 @@ def shape_name(s: dict) -> str:
   return f"T={s['T']} D={s['D']} F={s['F']} E={s['E']} K={s['K']}"
 
 
+def not_timed(strategy: str) -> str | None:
+  """Why section 3 does not time `strategy` on this backend, or None."""
+  import jax
+  from moe.layer import dispatch
+  if dispatch.unavailable(strategy):
+    return dispatch.unavailable(strategy)
+  if strategy == "megablox" and jax.default_backend() != "tpu":
+    return "interpret mode off TPU: checked in section 2, not timed"
+  return None
+
+
 def bench_moe(ctx, s, entry, data, peak, limit) -> dict:
   """One MoE row of section 3 (estimates, skip reasons, timing)."""
   from moe.layer import routing as routing_lib
@@ -298,7 +316,9 @@ def bench_moe(ctx, s, entry, data, peak, limit) -> dict:
              ([f"groups of {t_group}"] if group else []) + (["pallas triton"] if flag else []))}
   row["est_gb"] = round(estimate_bytes(s, strategy, cap, groups) / 1e9, 2)
   row["est_s"] = round(estimate_seconds(s, strategy, cap, groups, peak), 3)
-  if row["est_gb"] > ctx.args.mem_limit_gb:
+  if not_timed(strategy):
+    row["skipped"] = not_timed(strategy)
+  elif row["est_gb"] > ctx.args.mem_limit_gb:
     row["skipped"] = f"estimated {row['est_gb']:.0f} GB > {ctx.args.mem_limit_gb:.0f} GB"
   elif row["est_s"] > 2.0:
     row["skipped"] = f"estimated {row['est_s']:.1f} s per step (computes {strategy} FLOPs)"

@@ -71,3 +71,46 @@ def test_smoke_run(tmp_path):
   for title in ("### 1. Device peak", "### 2. Dispatch strategies", "### 3. MoE layer",
                 "### 4. Training run"):
     assert title in md
+
+
+def test_committed_section_says_what_auto_should_pick_with_the_numbers():
+  proc = run_script("--from-json", RESULTS, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  picks = [line for line in proc.stdout.splitlines() if "`auto` should pick" in line]
+  with open(RESULTS) as f:
+    shapes = json.load(f)["sections"]["layer_bench"]["fastest"]
+  assert len(picks) == len(shapes) > 0
+  for line in picks:
+    # Both routings name a strategy with its ratio, TFLOP/s and share of the measured peak,
+    # then whether `auto` (as it was in that run) agrees.
+    should, agree = line.split(". With a capacity ")
+    assert should.count("x dense, ") == 2 and should.count(" TFLOP/s, ") == 2, line
+    assert should.count("% of peak)") == 2, line
+    assert agree.count("as `auto` does") + agree.count("`auto` picks") == 2, line
+
+
+def test_a_kernel_the_backend_lacks_is_skipped_with_the_reason(monkeypatch):
+  """On a GPU, `megablox` (a Pallas TPU kernel) is neither checked nor timed, and says why;
+  a strategy the backend has is not skipped."""
+  jax = pytest.importorskip("jax")
+  monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+  import accel_layer
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+  class Ctx:
+    def left(self, section):
+      return 100.0
+
+    def error(self, where, e):
+      raise AssertionError(f"{where}: {e}")
+
+  def must_not_run():
+    raise AssertionError("ran a strategy the backend lacks")
+
+  row = accel_layer.corr_row(Ctx(), "megablox", "float32", "dropless", None, 0.0, {}, must_not_run)
+  assert "pass" not in row and "not gpu" in row["skipped"], row
+  assert "not gpu" in accel_layer.not_timed("megablox")
+  assert accel_layer.not_timed("ragged") is None
+  row = accel_layer.corr_row(Ctx(), "ragged", "float32", "dropless", None, 0.0, {"out": 1.0},
+                             lambda: {"out": 1.0})
+  assert row["pass"] is True and "skipped" not in row

@@ -29,17 +29,17 @@ in the kernel's interpret mode (the kernel body as ordinary JAX ops). Only on an
 `megablox` compiled by Mosaic (TPU; not yet run), and what XLA makes of `ragged_dot` on GPU/TPU
 (experiments/accelerator_check.py). No GPU grouped-matmul kernel is a strategy: the installed
 jax's Pallas GPU grouped matmuls (jax/experimental/pallas/ops/gpu/ragged_dot_mgpu.py and
-transposed_ragged_dot_mgpu.py, Mosaic GPU, Hopper/Blackwell only) expose no interpret mode, so
-they cannot be checked against `reference` here; on GPU `ragged` is `ragged_dot`, which jax can
-lower through Pallas/Triton under the flag jax_ragged_dot_use_gpu_pallas_triton_lowering
-(measured as a variant by the accelerator check, not a strategy).
+transposed_ragged_dot_mgpu.py; Mosaic GPU, Hopper / Blackwell) do not pass an interpret flag
+through to their kernel, so they cannot be checked against `reference` on CPU. On GPU `ragged`
+is `ragged_dot`, which jax can lower through Pallas/Triton under the flag
+jax_ragged_dot_use_gpu_pallas_triton_lowering (timed as a variant by the accelerator check).
 
 `auto` picks per backend (resolve_strategy), from measurements where the project has them:
 CPU from experiments/bench_moe_layer.py, GPU from experiments/accelerator_check.py on one H200
 (BENCHMARKS.md, "Accelerator check"). TPU has no measurement yet: `gather` with a capacity and
 `ragged` dropless (ragged_dot lowers to a grouped matmul there); `megablox`, the kernel written
-for TPU, is not measured either, so `auto` does not pick it until the accelerator check has run on
-a TPU.
+for TPU, is not measured either, so `auto` does not pick it until the accelerator check has run
+on a TPU.
 """
 
 from __future__ import annotations

@@ -100,8 +100,10 @@ def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = 
     with_capacity, dropless = AUTO.get(backend, AUTO["gpu"])
     return dropless if capacity is None else with_capacity
   if capacity is None and strategy in CAPACITY_ONLY:
+    dropless = [s for s in DISPATCHES if s not in CAPACITY_ONLY + ("reference",)
+                and not unavailable(s, backend)]
     raise ConfigError(f"moe.dispatch={strategy!r} needs a capacity (capacity_factor > 0); for "
-                      f"dropless routing use one of ['auto', 'grouped', 'ragged']")
+                      f"dropless routing use one of {dropless}")
   return strategy
 
 

@@ -310,6 +310,10 @@ def test_resolve_strategy():
   for s in ("einsum", "gather"):
     with pytest.raises(ConfigError, match=r"moe\.dispatch"):
       dispatch.resolve_strategy(s, None, "cpu")
+  with pytest.raises(ConfigError, match=r"one of \['auto', 'grouped', 'ragged'\]$"):
+    dispatch.resolve_strategy("gather", None, "gpu")  # megablox is not offered where it cannot run
+  with pytest.raises(ConfigError, match=r"'ragged', 'megablox'\]$"):
+    dispatch.resolve_strategy("gather", None, "tpu")
   with pytest.raises(ConfigError, match=r"moe\.dispatch must be one of"):
     dispatch.resolve_strategy("scatter", 10, "cpu")
   # The Pallas TPU kernel: TPU (compiled) and CPU (interpret mode) only; never picked by auto.

@@ -21,6 +21,7 @@ no supported type can express.
 from __future__ import annotations
 
 from moe.convert import gpt2, mixtral
+from moe.convert import qwen2_moe
 from moe.convert.tensors import Tensors
 
 __all__ = ["Tensors", "SUPPORTED", "IMPORTERS", "EXPORTERS", "export_type"]
@@ -28,9 +29,12 @@ from moe.errors import ConfigError
 
 # model_type -> what is supported, as the error for an unsupported type lists it.
 SUPPORTED = {"gpt2": "GPT2LMHeadModel (import)", "mixtral": "MixtralForCausalLM (import, export)"}
+SUPPORTED["qwen2_moe"] = "Qwen2MoeForCausalLM (import, export)"
 
 IMPORTERS = {"gpt2": gpt2.gpt2_to_params, "mixtral": mixtral.mixtral_to_params}
+IMPORTERS["qwen2_moe"] = qwen2_moe.qwen2_moe_to_params
 EXPORTERS = {"mixtral": mixtral.params_to_mixtral}
+EXPORTERS["qwen2_moe"] = qwen2_moe.params_to_qwen2_moe
 
 
 def export_type(model: dict, moe: dict | None) -> str:
@@ -38,6 +42,8 @@ def export_type(model: dict, moe: dict | None) -> str:
   if moe is None or not moe.get("enabled", True):
     raise ConfigError("--to_hf: the model is dense; export supports MoE models only (supported: "
                       + ", ".join(f"{k}: {v}" for k, v in SUPPORTED.items()) + ")")
+  if moe.get("num_shared_experts") and qwen2_moe.export_refusal(model, moe) is None:
+    return "qwen2_moe"  # shared experts (gate or not): see moe/convert/qwen2_moe.py
   if moe.get("bias_balancing"):
     raise ConfigError("--to_hf: moe.bias_balancing=True (a selection bias) has no Mixtral "
                       "equivalent")

@@ -1,0 +1,252 @@
+"""Qwen2-MoE (`qwen2_moe`, Qwen2MoeForCausalLM): import and export. Names: see `moe.convert.layouts`.
+
+Qwen2-MoE routes softmax top-K (renormalised when `norm_topk_prob`), adds one shared expert of
+width `shared_expert_intermediate_size` whose output is multiplied per token by
+sigmoid(x @ shared_expert_gate), has biases on q/k/v (`qkv_bias`, no o bias) and dense blocks
+where `mlp_only_layers` / `decoder_sparse_step` say so. Here: `moe.renormalize`, one shared expert
+(`moe.num_shared_experts=1`, `moe.shared_expert_hidden`, `moe.shared_expert_gate=True`, gate at
+`moe/shared/gate` [D, 1]), `model.qkv_bias`, and `model.first_moe_layer` / `model.moe_interval`
+when the MoE blocks are every n-th block from one block on (anything else is refused, naming the
+field).
+
+Export also takes models trained here with shared experts (`layouts.export_type`): S shared
+experts of width F_s are one Qwen2-MoE shared expert of width S*F_s (their hidden units
+concatenated, as `moe.layer.modules.SharedExperts` stores them). Without a gate here, the
+Hugging Face gate weight is written as 0 and the shared down projection doubled:
+sigmoid(0) * (2 W) x = 0.5 * 2 * (W x), exact in floating point (scaling by 2 only moves the
+exponent). Dense blocks become `mlp_only_layers` with `decoder_sparse_step=1` (or a plain
+`decoder_sparse_step` when the MoE blocks are layers step-1, 2*step-1, ...).
+
+Arrays keep their stored dtype (only transposes, reshapes and stacks here). PyTorch `nn.Linear`
+weights are [out, in]. Experts and shared expert: gate_proj (silu side) -> w_gate, up_proj ->
+w_in, down_proj -> w_out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moe.convert.tensors import Tensors, need as _need
+from moe.errors import ConfigError
+from moe.layer.config import MoeConfig
+from moe.model.config import ModelConfig
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+  rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if not isinstance(rp, dict):
+    rp = {}
+  if rp.get("rope_type", "default") not in ("default", None):
+    raise ConfigError(f"{where}: rope_type={rp.get('rope_type')!r} is not supported (only "
+                      "'default' rotary embeddings)")
+  return float(rp.get("rope_theta", hf.get("rope_theta", 1e6)))
+
+
+def sparse_layers(hf: dict, num_layers: int) -> list[int]:
+  """The blocks Qwen2MoeDecoderLayer builds as MoE blocks."""
+  step = int(hf.get("decoder_sparse_step", 1) or 1)
+  only = set(hf.get("mlp_only_layers") or [])
+  if int(hf.get("num_experts", 0) or 0) <= 0:
+    return []
+  return [i for i in range(num_layers) if i not in only and (i + 1) % step == 0]
+
+
+def moe_placement(sparse: list[int], num_layers: int, where: str) -> tuple[int, int]:
+  """(first_moe_layer, moe_interval) giving exactly these MoE blocks, or a one-line refusal."""
+  first = sparse[0]
+  interval = sparse[1] - first if len(sparse) > 1 else max(1, num_layers - first)
+  if [i for i in range(first, num_layers, interval)] != sparse:
+    raise ConfigError(f"{where}: mlp_only_layers / decoder_sparse_step put MoE blocks at layers "
+                      f"{sparse}, not every n-th block from one block on (model.first_moe_layer, "
+                      "model.moe_interval); not supported")
+  return first, interval
+
+
+def _attention_in(g, a: str, D: int, H: int, N: int, Dh: int, bias: bool) -> dict:
+  out = {"q_kernel": g(a + "q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
+         "k_kernel": g(a + "k_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
+         "v_kernel": g(a + "v_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
+         "o_kernel": g(a + "o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D)}
+  if bias:
+    out["q_bias"] = g(a + "q_proj.bias", (H * Dh,)).reshape(H, Dh)
+    out["k_bias"] = g(a + "k_proj.bias", (N * Dh,)).reshape(N, Dh)
+    out["v_bias"] = g(a + "v_proj.bias", (N * Dh,)).reshape(N, Dh)
+  return out
+
+
+def _mlp_in(g, m: str, D: int, F: int) -> dict:
+  return {"w_gate": g(m + "gate_proj.weight", (F, D)).T, "w_in": g(m + "up_proj.weight", (F, D)).T,
+          "w_out": g(m + "down_proj.weight", (D, F)).T}
+
+
+def _moe_in(g, m: str, D: int, E: int, F: int, Fs: int) -> dict:
+  experts = [_mlp_in(g, f"{m}experts.{e}.", D, F) for e in range(E)]
+  out = {"router": {"kernel": g(m + "gate.weight", (E, D)).T},
+         "experts": {k: np.stack([ex[k] for ex in experts]) for k in ("w_gate", "w_in", "w_out")}}
+  shared = _mlp_in(g, m + "shared_expert.", D, Fs)
+  gate = g(m + "shared_expert_gate.weight", (1, D)).T
+  if Fs:  # a zero-width shared expert adds nothing, gate or not
+    out["shared"] = {**shared, "gate": gate}
+  return out
+
+
+def qwen2_moe_to_params(hf: dict, t: Tensors):
+  where = t.where
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"{where}: hidden_act={hf.get('hidden_act')!r} is not supported (SwiGLU "
+                      "with silu only)")
+  if hf.get("use_sliding_window"):
+    raise ConfigError(f"{where}: use_sliding_window=True is not supported (Qwen2-MoE's "
+                      "per-layer sliding window)")
+  D, L = _need(hf, "hidden_size", where), _need(hf, "num_hidden_layers", where)
+  H = _need(hf, "num_attention_heads", where)
+  N = hf.get("num_key_value_heads") or H
+  Dh = hf.get("head_dim") or D // H
+  V = _need(hf, "vocab_size", where)
+  Fd = _need(hf, "intermediate_size", where)
+  qkv_bias = bool(hf.get("qkv_bias", True))
+  tied = bool(hf.get("tie_word_embeddings", False))
+  sparse = sparse_layers(hf, L)
+  if sparse:
+    E, K = _need(hf, "num_experts", where), _need(hf, "num_experts_per_tok", where)
+    F = _need(hf, "moe_intermediate_size", where)
+    Fs = int(hf.get("shared_expert_intermediate_size", 0) or 0)
+    first, interval = moe_placement(sparse, L, where)
+  else:
+    first, interval = 0, 1
+  g = t.get
+  params = {"embedding_table": g("model.embed_tokens.weight", (V, D)),
+            "final_norm": {"scale": g("model.norm.weight", (D,))}}
+  if not tied:
+    params["output_kernel"] = g("lm_head.weight", (V, D)).T
+  for i in range(L):
+    b = f"model.layers.{i}."
+    blk = {"attn_norm": {"scale": g(b + "input_layernorm.weight", (D,))},
+           "attn": _attention_in(g, b + "self_attn.", D, H, N, Dh, qkv_bias),
+           "mlp_norm": {"scale": g(b + "post_attention_layernorm.weight", (D,))}}
+    if i in sparse:
+      blk["moe"] = _moe_in(g, b + "mlp.", D, E, F, Fs)
+    else:
+      blk["mlp"] = _mlp_in(g, b + "mlp.", D, Fd)
+    params[f"block_{i}"] = blk
+  model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
+               d_ff=Fd, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
+               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
+               rope_theta=_rope_theta(hf, where), mlp_activation="swiglu",
+               attention_bias=False, qkv_bias=qkv_bias, tie_embeddings=tied,
+               sliding_window=None, moe_interval=interval, first_moe_layer=first)
+  if not sparse:
+    return model, None, params
+  moe = dict(enabled=True, num_experts=E, num_selected=K, expert_hidden=F, capacity_factor=None,
+             eval_capacity_factor=None, renormalize=bool(hf.get("norm_topk_prob", False)),
+             router="token_choice", expert_mlp="swiglu", num_shared_experts=1 if Fs else 0,
+             shared_expert_hidden=Fs or None, shared_expert_gate=bool(Fs), jitter_eps=0.0,
+             load_balance_weight=float(hf.get("router_aux_loss_coef", 1e-3)),
+             z_loss_weight=0.0, bias_balancing=False, router_dtype="float32")
+  return model, moe, params
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+# Fields the export maps (or that only affect training); any other field must keep its default.
+_MODEL_MAPPED = {"vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "d_ff", "max_len", "moe", "moe_interval", "first_moe_layer", "dtype",
+                 "scan_layers", "remat", "norm_eps", "rope_theta", "qkv_bias", "tie_embeddings"}
+_MOE_MAPPED = {"num_experts", "num_selected", "expert_hidden", "capacity_factor",
+               "eval_capacity_factor", "min_capacity", "group_size", "priority",
+               "allow_noncausal_routing", "jitter_eps", "renormalize", "num_shared_experts",
+               "dispatch", "load_balance_weight", "z_loss_weight", "bias_rate", "router_dtype",
+               "shared_expert_hidden", "shared_expert_gate", "groups_selected", "group_score"}
+
+
+def export_refusal(model: dict, moe: dict | None) -> str | None:
+  """Why these `model` / `moe` groups cannot be exported as Qwen2-MoE (None: they can)."""
+  if moe is None or not moe.get("enabled", True):
+    return "the model is dense; Qwen2-MoE export needs MoE blocks"
+  if not moe.get("num_shared_experts", 0):
+    return "moe.num_shared_experts=0 (Qwen2-MoE always has a shared expert)"
+  for cls, group, have, mapped in ((ModelConfig, "model", model, _MODEL_MAPPED),
+                                   (MoeConfig, "moe", moe, _MOE_MAPPED)):
+    for f in dataclasses.fields(cls):
+      default = getattr(cls(), f.name)
+      if f.name not in mapped and have.get(f.name, default) != default:
+        return (f"{group}.{f.name}={have[f.name]!r} has no Qwen2-MoE equivalent "
+                f"(needs {default!r})")
+  return None
+
+
+def _moe_out(out: dict, m: str, moe_p: dict, moe: dict) -> None:
+  ex = moe_p["experts"]
+  out[m + "gate.weight"] = moe_p["router"]["kernel"].T
+  for e in range(ex["w_in"].shape[0]):
+    out[f"{m}experts.{e}.gate_proj.weight"] = ex["w_gate"][e].T
+    out[f"{m}experts.{e}.up_proj.weight"] = ex["w_in"][e].T
+    out[f"{m}experts.{e}.down_proj.weight"] = ex["w_out"][e].T
+  sh = moe_p["shared"]
+  out[m + "shared_expert.gate_proj.weight"] = sh["w_gate"].T
+  out[m + "shared_expert.up_proj.weight"] = sh["w_in"].T
+  if moe.get("shared_expert_gate"):
+    out[m + "shared_expert.down_proj.weight"] = sh["w_out"].T
+    out[m + "shared_expert_gate.weight"] = sh["gate"].T
+  else:  # no gate here: sigmoid(0) = 0.5 times a doubled down projection (exact)
+    out[m + "shared_expert.down_proj.weight"] = (sh["w_out"] + sh["w_out"]).T
+    out[m + "shared_expert_gate.weight"] = np.zeros((1, sh["w_in"].shape[0]), sh["w_in"].dtype)
+
+
+def params_to_qwen2_moe(model: dict, moe: dict | None, block, top: dict):
+  """Our params -> (HF config.json dict, {name: array}). `block(i)` gives block i's params
+  (unscanned), `top` the non-block params. Raises ConfigError for what Qwen2-MoE lacks."""
+  why = export_refusal(model, moe)
+  if why:
+    raise ConfigError(f"--to_hf (Qwen2-MoE): {why}")
+  D, L, H, N, Dh = (model[k] for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
+                                       "head_dim"))
+  first, interval = model.get("first_moe_layer", 0), model.get("moe_interval", 1)
+  sparse = list(range(first, L, interval))
+  out = {"model.embed_tokens.weight": top["embedding_table"],
+         "model.norm.weight": top["final_norm"]["scale"]}
+  if not model["tie_embeddings"]:
+    out["lm_head.weight"] = top["output_kernel"].T
+  for i in range(L):
+    p, b = block(i), f"model.layers.{i}."
+    a = p["attn"]
+    out[b + "input_layernorm.weight"] = p["attn_norm"]["scale"]
+    out[b + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
+    for name, heads in (("q", H), ("k", N), ("v", N)):
+      out[f"{b}self_attn.{name}_proj.weight"] = a[f"{name}_kernel"].reshape(D, heads * Dh).T
+      if model.get("qkv_bias"):
+        out[f"{b}self_attn.{name}_proj.bias"] = a[f"{name}_bias"].reshape(heads * Dh)
+    out[b + "self_attn.o_proj.weight"] = a["o_kernel"].reshape(H * Dh, D).T
+    if i in sparse:
+      _moe_out(out, b + "mlp.", p["moe"], moe)
+    else:
+      mlp = p["mlp"]
+      out[b + "mlp.gate_proj.weight"] = mlp["w_gate"].T
+      out[b + "mlp.up_proj.weight"] = mlp["w_in"].T
+      out[b + "mlp.down_proj.weight"] = mlp["w_out"].T
+  out = {k: np.ascontiguousarray(v) for k, v in out.items()}
+  plain_step = first == interval - 1  # MoE at layers step-1, 2*step-1, ...: no list needed
+  shared_width = moe["num_shared_experts"] * (moe.get("shared_expert_hidden")
+                                              or moe["expert_hidden"])
+  config = {
+      "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+      "vocab_size": model["vocab_size"], "hidden_size": D, "intermediate_size": model["d_ff"],
+      "moe_intermediate_size": moe["expert_hidden"],
+      "shared_expert_intermediate_size": shared_width, "num_hidden_layers": L,
+      "num_attention_heads": H, "num_key_value_heads": N, "head_dim": Dh, "hidden_act": "silu",
+      "max_position_embeddings": model["max_len"], "rms_norm_eps": model["norm_eps"],
+      "rope_parameters": {"rope_theta": model["rope_theta"], "rope_type": "default"},
+      "use_sliding_window": False, "decoder_sparse_step": interval if plain_step else 1,
+      "mlp_only_layers": [] if plain_step else [i for i in range(L) if i not in sparse],
+      "num_experts": moe["num_experts"], "num_experts_per_tok": moe["num_selected"],
+      "norm_topk_prob": bool(moe.get("renormalize", True)),
+      "qkv_bias": bool(model.get("qkv_bias", False)),
+      "tie_word_embeddings": bool(model["tie_embeddings"]),
+      "router_aux_loss_coef": float(moe.get("load_balance_weight", 1e-3)),
+      "output_router_logits": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+      "use_cache": True, "dtype": str(next(iter(out.values())).dtype),
+  }
+  return config, out

@@ -56,6 +56,7 @@ LOGICAL_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("latent", None),  # MLA's low-rank q / kv latents (moe/model/mla.py)
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("router_expert", None),  # router weights [D, E] and the balancing bias [E] stay whole

@@ -53,6 +53,15 @@ class ModelConfig:
   tie_embeddings: bool = False
   sliding_window: int | None = None  # attend to at most this many previous tokens
   logits_soft_cap: float | None = None
+  # Multi-head latent attention (DeepSeek-V2/V3, moe/model/mla.py); "mha" ignores these fields
+  # and "mla" ignores num_kv_heads and head_dim.
+  attention: str = "mha"  # "mha" (attention.py) | "mla" (mla.py)
+  q_lora_rank: int | None = None  # low-rank queries; None = one q projection
+  kv_lora_rank: int = 64  # width of the cached key/value latent
+  qk_nope_head_dim: int = 32  # per-head query/key features without rotary positions
+  qk_rope_head_dim: int = 16  # rotary query/key features (the key's are shared by all heads)
+  v_head_dim: int = 32  # per-head value width
+  rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3), ... (DeepSeek checkpoints)
 
   def is_moe_layer(self, i: int) -> bool:
     return (self.moe is not None and i >= self.first_moe_layer
@@ -106,7 +115,7 @@ def validate_model(mc: ModelConfig) -> None:
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "max_len", "moe_interval"):
     check_int(f"model.{f}", getattr(mc, f), 1, high=INT32_MAX)
-  if mc.num_heads % mc.num_kv_heads:
+  if mc.attention != "mla" and mc.num_heads % mc.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads ({mc.num_kv_heads}) must divide model.num_heads "
                       f"({mc.num_heads})")
   check_int("model.first_moe_layer", mc.first_moe_layer, 0, high=INT32_MAX)
@@ -131,5 +140,21 @@ def validate_model(mc: ModelConfig) -> None:
         "model.scan_layers=True needs identical blocks: use moe_interval=1 and first_moe_layer=0 "
         f"(got moe_interval={mc.moe_interval}, first_moe_layer={mc.first_moe_layer}) "
         "or scan_layers=False")
+  _validate_mla(mc)
   if mc.moe is not None:
     validate_moe(mc.moe, causal=True)
+
+
+def _validate_mla(mc: ModelConfig) -> None:
+  check_choice("model.attention", mc.attention, ("mha", "mla"))
+  if mc.attention != "mla":
+    return
+  check_int("model.q_lora_rank", mc.q_lora_rank, 1, high=INT32_MAX, allow_none=True)
+  for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    check_int(f"model.{f}", getattr(mc, f), 1, high=INT32_MAX)
+  check_bool("model.rope_interleave", mc.rope_interleave)
+  if mc.positions != "rope":
+    raise ConfigError(f"model.attention='mla' needs model.positions='rope' (its rotary key is "
+                      f"decoupled), got {mc.positions!r}")
+  if mc.qk_rope_head_dim % 2:
+    raise ConfigError(f"model.qk_rope_head_dim must be even, got {mc.qk_rope_head_dim}")

@@ -14,6 +14,15 @@ vocabulary and m = 3 matrices for SwiGLU (2 for GELU):
   experts                2 * m * D * F_e * (K + S)       MoE blocks: only the active experts
   unembedding            2 * D * V                       tied or not (the embedding lookup is free)
 
+With `attention="mla"` (moe/model/mla.py; Rq, R the q / kv latent ranks, Dn, Dr, Dv the
+no-rope, rope and value head widths) the attention lines are
+
+  attention projections  2 * (D*Rq + Rq*H*(Dn+Dr)  [or D*H*(Dn+Dr) without Rq]
+                              + D*(R+Dr) + R*H*(Dn+Dv) + H*Dv*D)
+  attention scores       2 * H * (Dn + Dr + Dv) * ctx
+
+(keys and values expanded from the latent once per token, as in training).
+
 ctx is the causal average over the L = seq_len query positions of the keys each one sees,
 mean_i min(i + 1, sliding_window), i.e. (L + 1) / 2 without a window. Norms, softmax, activations
 and biases are not counted (elementwise, not matmuls); rematerialization adds hardware FLOPs, not
@@ -62,6 +71,14 @@ def mean_context(seq_len: int, sliding_window: int | None = None) -> float:
   return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
+def mla_projections(cfg: ModelConfig) -> int:
+  """Multiply-adds of one token through MLA's projections (see the module docstring)."""
+  D, H, R = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
+  Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  q = D * H * (Dn + Dr) if cfg.q_lora_rank is None else cfg.q_lora_rank * (D + H * (Dn + Dr))
+  return q + D * (R + Dr) + R * H * (Dn + Dv) + H * Dv * D
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   """The forward FLOPs of one token of a `seq_len`-token sequence (see the module docstring)."""
   if not isinstance(cfg, ModelConfig):
@@ -77,8 +94,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
     active_hidden = m.num_selected * m.expert_hidden + shared_hidden
     router = moe_blocks * 2.0 * D * (m.num_experts + int(m.shared_expert_gate))
     experts = moe_blocks * 2.0 * mlp_matrices(m.expert_mlp) * D * active_hidden
+  proj, scores = D * Dh * (2 * H + 2 * N), 2 * H * Dh * ctx
+  if cfg.attention == "mla":
+    proj, scores = mla_projections(cfg), H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+                                              + cfg.v_head_dim) * ctx
   return FlopCount(
-      attention_proj=cfg.num_layers * 2.0 * D * Dh * (2 * H + 2 * N),
-      attention_scores=cfg.num_layers * 2.0 * 2 * H * Dh * ctx,
+      attention_proj=cfg.num_layers * 2.0 * proj,
+      attention_scores=cfg.num_layers * 2.0 * scores,
       dense_ffn=dense_blocks * 2.0 * mlp_matrices(cfg.mlp_activation) * D * cfg.d_ff,
       router=router, experts=experts, unembedding=2.0 * D * cfg.vocab_size)

@@ -17,7 +17,8 @@ blocks `block_{i}/{attn_norm, attn, mlp_norm, mlp | moe}` or, with scan_layers, 
 subtree whose leaves carry a leading layer axis (logical name 'layers'); the `intermediates`,
 `moe_bias` and `cache` leaves of a scanned model carry that leading axis too. `final_norm/scale`
 (+ `bias` for LayerNorm), and `output_kernel` [D, V] unless embeddings are tied. Attention:
-`attn/{q,k,v,o}_kernel` [D, H, Dh], [D, N, Dh], [D, N, Dh], [H, Dh, D] (+ `_bias`). Dense MLP:
+`attn/{q,k,v,o}_kernel` [D, H, Dh], [D, N, Dh], [D, N, Dh], [H, Dh, D] (+ `_bias`), or with
+`attention="mla"` the latent attention's (moe/model/mla.py). Dense MLP:
 `mlp/w_in` [D, F], `mlp/w_gate` [D, F] (SwiGLU only), `mlp/w_out` [F, D] (+ `b_in`, `b_gate`,
 `b_out`): the names of one expert's weights in `moe.layer.modules`, so upcycling copies them by
 name.
@@ -31,7 +32,8 @@ Decoding (autocomplete): `cache = init_cache(model, batch_size)`, then repeatedl
                               mutable=['cache'])
     cache = mut['cache']
 with a prompt chunk of any length >= 1 first, then one token at a time. The cache holds keys and
-values [B, S, N, Dh] per layer, the segment id of each slot and one `index` (next slot to write);
+values [B, S, N, Dh] per layer (MLA: the latent [B, S, kv_lora_rank] and the rotary key
+[B, S, qk_rope_head_dim]), the segment id of each slot and one `index` (next slot to write);
 rotary / learned positions default to index + 0..L-1. It has no rolling buffer: index + L must
 stay <= S (S = init_cache's max_len, at most config.max_len).
 """
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 from moe.model.attention import Attention, kernel_init, project
 from moe.errors import ConfigError
 from moe.model.config import ModelConfig, validate_model
+from moe.model.mla import LatentAttention
 from moe.layer.activation import activate
 from moe.layer.modules import MoeLayer
 
@@ -120,7 +123,8 @@ class Block(nn.Module):
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_index):
     cfg = self.config
     h = Norm(cfg, name="attn_norm")(x_BLD)
-    x_BLD = x_BLD + Attention(cfg, decode=self.decode, name="attn")(
+    attention = LatentAttention if cfg.attention == "mla" else Attention
+    x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(
         h, positions_BL, segment_ids_BL, cache_index).astype(x_BLD.dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
     h = Norm(cfg, name="mlp_norm")(x_BLD)

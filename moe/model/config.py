@@ -153,6 +153,10 @@ def _validate_mla(mc: ModelConfig) -> None:
   for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
     check_int(f"model.{f}", getattr(mc, f), 1, high=INT32_MAX)
   check_bool("model.rope_interleave", mc.rope_interleave)
+  for f, off in (("qk_norm", None), ("qkv_bias", False)):
+    if getattr(mc, f) != off:
+      raise ConfigError(f"model.{f}={getattr(mc, f)!r} applies to model.attention='mha' only "
+                        f"(MLA normalises its latents instead); set it to {off!r}")
   if mc.positions != "rope":
     raise ConfigError(f"model.attention='mla' needs model.positions='rope' (its rotary key is "
                       f"decoupled), got {mc.positions!r}")

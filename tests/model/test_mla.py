@@ -166,6 +166,8 @@ def test_interleave_changes_the_function():
     (dict(qk_rope_head_dim=5), ("model.qk_rope_head_dim", "even")),
     (dict(positions="learned"), ("model.positions", "'rope'")),
     (dict(rope_interleave=1), ("model.rope_interleave",)),
+    (dict(qk_norm="head"), ("model.qk_norm", "'mha'")),
+    (dict(qkv_bias=True), ("model.qkv_bias", "'mha'")),
 ])
 def test_mla_config_errors(kw, needles):
   with one_line_error(*needles):

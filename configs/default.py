@@ -39,6 +39,13 @@ def get_config():
   c.model.tie_embeddings = False  # output layer shares the embedding matrix
   c.model.sliding_window = config_dict.placeholder(int)  # attend to at most N previous tokens
   c.model.logits_soft_cap = config_dict.placeholder(float)  # tanh cap on the logits
+  c.model.attention = "mha"  # mha | mla (multi-head latent attention, DeepSeek-V2/V3)
+  c.model.q_lora_rank = config_dict.placeholder(int)  # MLA: low-rank query width; None = none
+  c.model.kv_lora_rank = 64  # MLA: width of the cached key/value latent
+  c.model.qk_nope_head_dim = 32  # MLA: per-head query/key width without rotary positions
+  c.model.qk_rope_head_dim = 16  # MLA: rotary query/key width (one rotary key for all heads)
+  c.model.v_head_dim = 32  # MLA: per-head value width
+  c.model.rope_interleave = False  # MLA: rotate adjacent feature pairs (DeepSeek checkpoints)
 
   c.moe = ml_collections.ConfigDict()
   c.moe.enabled = True  # False: every block is dense

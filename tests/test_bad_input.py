@@ -47,6 +47,7 @@ BY_TYPE = {
 }
 # Fields where None is a setting (placeholders, or "from the tokenizer").
 OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap", "model.qk_norm",
+            "model.q_lora_rank",
             "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size"}
 FILL = "mesh.data=-1 cannot fill"  # a mesh axis too large for the 1 device the table assumes
 
@@ -75,6 +76,13 @@ ROWS = {
     "model.tie_embeddings": [],
     "model.sliding_window": [0, -1, BIG],
     "model.logits_soft_cap": [0.0, -1.0],
+    "model.attention": ["mqa", "MLA"],
+    "model.q_lora_rank": [0, -1, BIG],
+    "model.kv_lora_rank": [0, -1, BIG],
+    "model.qk_nope_head_dim": [0, -1, BIG],
+    "model.qk_rope_head_dim": [0, -1, BIG, 15],  # odd
+    "model.v_head_dim": [0, -1, BIG],
+    "model.rope_interleave": [],
     "moe.enabled": [],
     "moe.num_experts": [0, -1, BIG, 1],  # 1 < K=2
     "moe.num_selected": [0, -1, 9],  # 9 > E=8
@@ -138,6 +146,8 @@ COMBINATIONS = [
     ({"moe.enabled": False, "train.trainable": "router_frozen"}, "train.trainable"),
     ({"model.num_layers": 2, "model.first_moe_layer": 2}, "model.first_moe_layer"),
     ({"model.scan_layers": True, "model.moe_interval": 2}, "model.scan_layers"),
+    ({"model.attention": "mla", "model.positions": "learned"}, "model.positions"),
+    ({"model.attention": "mla", "model.qk_norm": "head"}, "model.qk_norm"),
     ({"data.tokenizer": "sentencepiece", "data.sp_vocab_size": 300}, "data.sp_vocab_size"),
     ({"model.vocab_size": 259}, None),  # legal: exactly the byte tokenizer's ids
     ({"model.vocab_size": 4096, "moe.capacity_factor": None, "model.sliding_window": 8}, None),

@@ -146,13 +146,16 @@ def validate_model(mc: ModelConfig) -> None:
 
 
 def _validate_mla(mc: ModelConfig) -> None:
+  """The MLA fields (checked whatever the attention, like every field), and what MLA needs."""
   check_choice("model.attention", mc.attention, ("mha", "mla"))
-  if mc.attention != "mla":
-    return
   check_int("model.q_lora_rank", mc.q_lora_rank, 1, high=INT32_MAX, allow_none=True)
   for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
     check_int(f"model.{f}", getattr(mc, f), 1, high=INT32_MAX)
   check_bool("model.rope_interleave", mc.rope_interleave)
+  if mc.qk_rope_head_dim % 2:
+    raise ConfigError(f"model.qk_rope_head_dim must be even, got {mc.qk_rope_head_dim}")
+  if mc.attention != "mla":
+    return
   for f, off in (("qk_norm", None), ("qkv_bias", False)):
     if getattr(mc, f) != off:
       raise ConfigError(f"model.{f}={getattr(mc, f)!r} applies to model.attention='mha' only "
@@ -160,5 +163,3 @@ def _validate_mla(mc: ModelConfig) -> None:
   if mc.positions != "rope":
     raise ConfigError(f"model.attention='mla' needs model.positions='rope' (its rotary key is "
                       f"decoupled), got {mc.positions!r}")
-  if mc.qk_rope_head_dim % 2:
-    raise ConfigError(f"model.qk_rope_head_dim must be even, got {mc.qk_rope_head_dim}")

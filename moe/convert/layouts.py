@@ -20,31 +20,40 @@ no supported type can express.
 
 from __future__ import annotations
 
-from moe.convert import gpt2, mixtral
+from moe.convert import gpt2, llama, mixtral, olmoe
 from moe.convert import qwen2_moe
 from moe.convert.tensors import Tensors
 
 __all__ = ["Tensors", "SUPPORTED", "IMPORTERS", "EXPORTERS", "export_type"]
-from moe.errors import ConfigError
 
 # model_type -> what is supported, as the error for an unsupported type lists it.
-SUPPORTED = {"gpt2": "GPT2LMHeadModel (import)", "mixtral": "MixtralForCausalLM (import, export)"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel (import)", "mixtral": "MixtralForCausalLM (import, export)",
+             "llama": "LlamaForCausalLM (import, export)",
+             "qwen2": "Qwen2ForCausalLM (import, export)",
+             "qwen3": "Qwen3ForCausalLM (import, export)",
+             "olmoe": "OlmoeForCausalLM (import, export)",
+             "qwen3_moe": "Qwen3MoeForCausalLM (import, export)"}
 SUPPORTED["qwen2_moe"] = "Qwen2MoeForCausalLM (import, export)"
 
-IMPORTERS = {"gpt2": gpt2.gpt2_to_params, "mixtral": mixtral.mixtral_to_params}
+IMPORTERS = {"gpt2": gpt2.gpt2_to_params, "mixtral": mixtral.mixtral_to_params,
+             "llama": llama.llama_to_params, "qwen2": llama.qwen2_to_params,
+             "qwen3": llama.qwen3_to_params, "olmoe": olmoe.olmoe_to_params,
+             "qwen3_moe": olmoe.qwen3_moe_to_params}
 IMPORTERS["qwen2_moe"] = qwen2_moe.qwen2_moe_to_params
-EXPORTERS = {"mixtral": mixtral.params_to_mixtral}
+EXPORTERS = {"mixtral": mixtral.params_to_mixtral, "llama": llama.params_to_llama,
+             "qwen2": llama.params_to_qwen2, "qwen3": llama.params_to_qwen3,
+             "olmoe": olmoe.params_to_olmoe, "qwen3_moe": olmoe.params_to_qwen3_moe}
 EXPORTERS["qwen2_moe"] = qwen2_moe.params_to_qwen2_moe
 
 
 def export_type(model: dict, moe: dict | None) -> str:
   """The Hugging Face model_type a model with these `model` / `moe` groups is exported as."""
   if moe is None or not moe.get("enabled", True):
-    raise ConfigError("--to_hf: the model is dense; export supports MoE models only (supported: "
-                      + ", ".join(f"{k}: {v}" for k, v in SUPPORTED.items()) + ")")
+    # Dense: llama; qwen2 with q/k/v-only biases or a sliding window; qwen3 with QK-norm "head".
+    return llama.dense_type(model)
   if moe.get("num_shared_experts") and qwen2_moe.export_refusal(model, moe) is None:
     return "qwen2_moe"  # shared experts (gate or not): see moe/convert/qwen2_moe.py
-  if moe.get("bias_balancing"):
-    raise ConfigError("--to_hf: moe.bias_balancing=True (a selection bias) has no Mixtral "
-                      "equivalent")
-  return "mixtral"
+  # Softmax top-K, standard attention, no shared experts: mixtral (renormalised, every block
+  # MoE, no QK-norm), qwen3_moe (QK-norm "head"; norm_topk_prob = moe.renormalize, dense blocks
+  # via mlp_only_layers) or olmoe (QK-norm "full").
+  return olmoe.moe_type(model, moe)

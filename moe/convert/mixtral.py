@@ -78,6 +78,8 @@ def params_to_mixtral(model: dict, moe: dict | None, block, top: dict):
     raise ConfigError(f"{where}: the model is dense; Mixtral has MoE blocks only")
   checks = [("model.norm", model["norm"], "rms"), ("model.positions", model["positions"], "rope"),
             ("model.attention_bias", model["attention_bias"], False),
+            ("model.qkv_bias", model.get("qkv_bias", False), False),
+            ("model.qk_norm", model.get("qk_norm"), None),
             ("model.moe_interval", model.get("moe_interval", 1), 1),
             ("model.first_moe_layer", model.get("first_moe_layer", 0), 0),
             ("model.logits_soft_cap", model.get("logits_soft_cap"), None),

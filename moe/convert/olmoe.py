@@ -123,7 +123,10 @@ def routing_checks(moe: dict) -> list:
           ("moe.priority", moe.get("priority", "choice_major"), ("choice_major",)),
           ("moe.expert_mlp", moe.get("expert_mlp", "swiglu"), ("swiglu",)),
           ("moe.num_shared_experts", moe.get("num_shared_experts", 0), (0,)),
-          ("moe.bias_balancing", bool(moe.get("bias_balancing", False)), (False,))]
+          ("moe.bias_balancing", bool(moe.get("bias_balancing", False)), (False,)),
+          ("moe.score_func", moe.get("score_func", "softmax"), ("softmax",)),
+          ("moe.routed_scale", float(moe.get("routed_scale", 1.0)), (1.0,)),
+          ("moe.num_groups", moe.get("num_groups", 1), (1,))]
 
 
 def moe_type(model: dict, moe: dict) -> str:

@@ -105,6 +105,9 @@ def test_moe_model_trained_here_exports(model, moe, family, tmp_path):
     (dict(qk_norm="head"), dict(expert_mlp="gelu"), "moe.expert_mlp='gelu'"),
     (dict(qk_norm="full"), dict(num_shared_experts=1), "moe.num_shared_experts=1"),
     (dict(qk_norm="head", qkv_bias=True), dict(), "model.qkv_bias=True"),
+    (dict(qk_norm="head"), dict(score_func="sigmoid"), "moe.score_func='sigmoid'"),
+    (dict(), dict(routed_scale=2.5), "moe.routed_scale=2.5"),
+    (dict(qk_norm="head"), dict(num_groups=2, groups_selected=1), "moe.num_groups=2"),
 ])
 def test_moe_export_refusals_name_the_setting(model, moe, needle, tmp_path):
   groups = convert.model_groups({**MODEL_HERE, **model}, {**MOE_HERE, **moe})

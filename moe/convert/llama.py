@@ -46,16 +46,18 @@ def sliding_window(hf: dict, where: str) -> int | None:
   default those >= max_window_layers when use_sliding_window). All or none of the layers, or a
   one-line refusal: this project has one window for every layer."""
   window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+  if window is None:  # transformers then attends fully on "sliding_attention" layers too
+    return None
   n = need(hf, "num_hidden_layers", where)
   kinds = hf.get("layer_types") or [
-      "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 0)
-      else "full_attention" for i in range(n)]
+      "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+      for i in range(n)]
   if set(kinds) - {"sliding_attention", "full_attention"}:
     raise ConfigError(f"{where}: layer_types {sorted(set(kinds))} are not supported "
                       "(full_attention / sliding_attention only)")
   if "sliding_attention" not in kinds:
     return None
-  if "full_attention" in kinds or window is None:
+  if "full_attention" in kinds:
     raise ConfigError(f"{where}: use_sliding_window with max_window_layers="
                       f"{hf.get('max_window_layers')} (a window on some layers only) is not "
                       "supported: this project applies one sliding window to every layer")

@@ -1,6 +1,6 @@
 r"""Convert Hugging Face checkpoints to this project's format and back.
 
-  python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2 or Mixtral -> our checkpoint
+  python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2, Mixtral, DeepSeek -> ours
   python -m moe.convert --from=WORKDIR --to_hf=DIR      # our checkpoint -> a HF folder (layouts.export_type)
         [--config=configs/x.py --config.moe.num_experts=4]   # when WORKDIR has no config.json
 
@@ -12,8 +12,9 @@ must agree with it in those groups.
 Import reads a local folder (`config.json` + `*.safetensors`, read by the `safetensors` package's
 numpy front end: no PyTorch; export writes the format the same way) and writes into WORKDIR:
 
-- `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`
-  and `params`, no optimizer state; data item empty), so
+- `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`,
+  `params` and, when the model has one, the `moe_bias` collection (DeepSeek-V3's correction
+  bias); no optimizer state; data item empty), so
   `launch.py --mode=complete --workdir=WORKDIR` and `--config.train.init_from=WORKDIR` load it;
 - `config.json`: the `model` and `moe` config groups that describe the architecture, plus where
   it came from; `config.py`: a config file for launch.py (configs/default.py with those groups),
@@ -23,8 +24,9 @@ numpy front end: no PyTorch; export writes the format the same way) and writes i
 
 Supported architectures: see `moe.convert.layouts.SUPPORTED` (one module per family); anything else is a one-line error
 naming `model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
-`transformers.MixtralForCausalLM.from_pretrained` loads (Mixtral routes dropless with renormalized
-top-K: a model trained with a capacity factor computes the same except where it dropped tokens).
+`transformers` loads (`layouts.export_type` picks Mixtral or DeepSeek-V3/V2; the checkpoint's
+`moe_bias` travels as DeepSeek-V3's correction bias). Hugging Face routes dropless: a model
+trained with a capacity factor computes the same except where it dropped tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import sys
 
 from absl import flags
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -47,7 +50,7 @@ from moe.convert import layouts
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig, model_config_from, validate_model
-from moe.model.transformer import param_shapes
+from moe.model.transformer import Transformer, param_shapes
 from moe import trees
 from moe import rundir
 from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
@@ -155,13 +158,16 @@ def model_groups(model: dict, moe: dict | None) -> dict:
   return {"model": m, "moe": g}
 
 
-def save_checkpoint(workdir: str, params) -> str:
-  """Writes `params` as step 0 in `workdir/checkpoints` (moe.train.checkpoint's format)."""
+def save_checkpoint(workdir: str, params, moe_bias=None) -> str:
+  """Writes `params` (and the `moe_bias` collection, when not empty) as step 0 in
+  `workdir/checkpoints` (moe.train.checkpoint's format)."""
   directory = rundir.join(workdir, CHECKPOINTS_DIR)
   if rundir.isdir(directory) and any(p.name.isdigit() for p in epath.Path(directory).iterdir()):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
   state = {"step": np.zeros((), np.int32),
            "params": jax.tree.map(lambda x: np.asarray(x, np.float32), params)}
+  if moe_bias:
+    state["moe_bias"] = jax.tree.map(lambda x: np.asarray(x, np.float32), moe_bias)
   ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
   ck.save(0, state, {})
   ck.close()
@@ -173,7 +179,8 @@ def from_hf(folder: str, workdir: str) -> dict:
   hf, tensors = read_hf_folder(folder)
   arch = architecture(hf, f"--from_hf={folder}")
   t = layouts.Tensors(tensors, f"--from_hf={folder} ({arch})")
-  model, moe, params = layouts.IMPORTERS[arch](hf, t)
+  model, moe, params, *bias = layouts.IMPORTERS[arch](hf, t)
+  moe_bias = bias[0] if bias else {}
   left = t.unused()
   if left:
     raise ConfigError(f"--from_hf={folder}: {len(left)} tensor(s) have no place in the "
@@ -184,12 +191,16 @@ def from_hf(folder: str, workdir: str) -> dict:
   validate_model(mc)
   want = {k: tuple(v.shape) for k, v in trees.flatten(param_shapes(mc), sep="/").items()}
   have = {k: tuple(np.shape(v)) for k, v in trees.flatten(params, sep="/").items()}
+  want.update({f"moe_bias/{k}": tuple(v.shape)
+               for k, v in trees.flatten(_bias_shapes(mc), sep="/").items()})
+  have.update({f"moe_bias/{k}": tuple(np.shape(v))
+               for k, v in trees.flatten(moe_bias, sep="/").items()})
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[0]
     raise ConfigError(f"--from_hf={folder}: internal mismatch between converted params and the "
                       f"model ({diff[0]}: {have.get(diff[0])} vs {want.get(diff[0])})")
   rundir.makedirs(workdir)
-  save_checkpoint(workdir, params)
+  save_checkpoint(workdir, params, moe_bias)
   spec["source"] = {"from_hf": rundir.absolute(folder), "model_type": arch,
                     "architectures": hf.get("architectures"),
                     "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
@@ -240,11 +251,12 @@ def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
   if model.get("vocab_size", -1) in (-1, 0, None):
     model["vocab_size"] = int(np.shape(params["embedding_table"])[0])
   hf_type = layouts.export_type(model, moe)
+  moe_bias = _load_moe_bias(workdir)
   if model.get("scan_layers"):
-    stack = params["blocks"]
-    block = lambda i: _index(stack, i)  # noqa: E731
+    block = lambda i: _with_bias(_index(params["blocks"], i),  # noqa: E731
+                                 _index(moe_bias["blocks"], i) if moe_bias else None)
   else:
-    block = lambda i: params[f"block_{i}"]  # noqa: E731
+    block = lambda i: _with_bias(params[f"block_{i}"], moe_bias.get(f"block_{i}"))  # noqa: E731
   top = {k: v for k, v in params.items() if not k.startswith("block")}
   config, tensors = layouts.EXPORTERS[hf_type](model, moe, block, top)
   config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
@@ -272,6 +284,32 @@ def _read_config_json(path: str) -> dict:
   if not isinstance(spec, dict):
     raise ConfigError(f"config {path} is not a JSON object")
   return spec
+
+
+def _bias_shapes(mc: ModelConfig):
+  """The `moe_bias` collection's tree of ShapeDtypeStructs ({} without one)."""
+  model = Transformer(mc)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 1), np.int32)))
+  return nn.unbox(shapes.get("moe_bias", {}))
+
+
+def _load_moe_bias(workdir: str) -> dict:
+  """The checkpoint's `moe_bias` collection as numpy arrays ({} when it has none)."""
+  directory, step = ckpt_lib.resolve(workdir)
+  saved = {k[len("moe_bias/"):]: v for k, v in ckpt_lib.saved_state_shapes(directory, step).items()
+           if k.startswith("moe_bias/")}
+  if not saved:
+    return {}
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = trees.unflatten({k: jax.ShapeDtypeStruct(s, np.float32, sharding=device)
+                              for k, s in saved.items()}, sep="/")
+  loaded = ckpt_lib.load_state_items(workdir, {"moe_bias": abstract}, where=f"--from={workdir}")
+  return jax.tree.map(np.asarray, loaded["moe_bias"])
+
+
+def _with_bias(block: dict, bias) -> dict:
+  """Block params, with the block's `moe_bias` subtree under "moe_bias" when it has one."""
+  return block if not bias else {**block, "moe_bias": bias}
 
 
 def _index(tree, i):

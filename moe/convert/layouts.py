@@ -9,12 +9,18 @@ names (see moe/model/transformer.py):
   output_kernel [D, V] (untied); block_<i>/{attn_norm, mlp_norm}/{scale, bias};
   block_<i>/attn/{q,k,v}_kernel [D, H|N, Dh], {q,k,v}_bias [H|N, Dh], o_kernel [H, Dh, D], o_bias [D];
   block_<i>/mlp/{w_in, w_gate} [D, F], w_out [F, D], b_in [F], b_out [D];
-  block_<i>/moe/router/kernel [D, E]; block_<i>/moe/experts/{w_in, w_gate} [E, D, F], w_out [E, F, D].
+  block_<i>/moe/router/kernel [D, E]; block_<i>/moe/experts/{w_in, w_gate} [E, D, F], w_out [E, F, D];
+  block_<i>/moe/shared/{w_in, w_gate} [D, S*F], w_out [S*F, D]; MLA: see moe/convert/deepseek.py.
+
+An importer returns (model fields, moe fields or None, params) or, when the model has a `moe_bias`
+collection (DeepSeek-V3's correction bias), (..., params, moe_bias); an exporter's `block(i)` then
+carries block i's `moe_bias` subtree under the key "moe_bias".
 
 PyTorch `nn.Linear` weights are [out, in] (transposed by the family modules).
 
 `export_type(model, moe)` picks the Hugging Face type a model trained here is exported as (the
-closest one that computes the same function), or raises a one-line ConfigError naming the setting
+closest one that computes the same function; DeepSeek-V3 for a sigmoid router with MLA,
+DeepSeek-V2 for MLA with softmax scores), or raises a one-line ConfigError naming the setting
 no supported type can express.
 """
 
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 from moe.convert import gpt2, llama, mixtral, olmoe
 from moe.convert import qwen2_moe
+from moe.convert import deepseek
 from moe.convert.tensors import Tensors
+
+from moe.errors import ConfigError
 
 __all__ = ["Tensors", "SUPPORTED", "IMPORTERS", "EXPORTERS", "export_type"]
 
@@ -44,16 +53,46 @@ EXPORTERS = {"mixtral": mixtral.params_to_mixtral, "llama": llama.params_to_llam
              "qwen2": llama.params_to_qwen2, "qwen3": llama.params_to_qwen3,
              "olmoe": olmoe.params_to_olmoe, "qwen3_moe": olmoe.params_to_qwen3_moe}
 EXPORTERS["qwen2_moe"] = qwen2_moe.params_to_qwen2_moe
+SUPPORTED["deepseek_v3"] = "DeepseekV3ForCausalLM (import, export)"
+SUPPORTED["deepseek_v2"] = "DeepseekV2ForCausalLM (import, export)"
+IMPORTERS["deepseek_v3"] = deepseek.deepseek_v3_to_params
+IMPORTERS["deepseek_v2"] = deepseek.deepseek_v2_to_params
+EXPORTERS["deepseek_v3"] = deepseek.params_to_deepseek_v3
+EXPORTERS["deepseek_v2"] = deepseek.params_to_deepseek_v2
 
 
 def export_type(model: dict, moe: dict | None) -> str:
   """The Hugging Face model_type a model with these `model` / `moe` groups is exported as."""
   if moe is None or not moe.get("enabled", True):
+    if model.get("attention", "mha") == "mla":
+      raise ConfigError("--to_hf: model.attention='mla' in a dense model has no supported "
+                        "Hugging Face type (DeepSeek-V2/V3 export needs MoE blocks)")
     # Dense: llama; qwen2 with q/k/v-only biases or a sliding window; qwen3 with QK-norm "head".
     return llama.dense_type(model)
+  deepseek_type = _deepseek_type(model, moe)  # MLA or a sigmoid router
+  if deepseek_type:
+    return deepseek_type
   if moe.get("num_shared_experts") and qwen2_moe.export_refusal(model, moe) is None:
     return "qwen2_moe"  # shared experts (gate or not): see moe/convert/qwen2_moe.py
   # Softmax top-K, standard attention, no shared experts: mixtral (renormalised, every block
   # MoE, no QK-norm), qwen3_moe (QK-norm "head"; norm_topk_prob = moe.renormalize, dense blocks
   # via mlp_only_layers) or olmoe (QK-norm "full").
   return olmoe.moe_type(model, moe)
+
+
+def _deepseek_type(model: dict, moe: dict) -> str | None:
+  """deepseek_v3 for a sigmoid router (with or without its selection bias), deepseek_v2 for MLA
+  with softmax scores, None when neither applies; what neither can express is an error."""
+  mla = model.get("attention", "mha") == "mla"
+  sigmoid = moe.get("score_func", "softmax") == "sigmoid"
+  if not (mla or sigmoid):
+    return None
+  if not mla:
+    raise ConfigError("--to_hf: moe.score_func='sigmoid' exports as DeepSeek-V3, which needs "
+                      "model.attention='mla' (got 'mha')")
+  if sigmoid:
+    return "deepseek_v3"
+  if moe.get("bias_balancing"):
+    raise ConfigError("--to_hf: moe.bias_balancing=True with moe.score_func='softmax' has no "
+                      "equivalent (DeepSeek-V3's correction bias needs score_func='sigmoid')")
+  return "deepseek_v2"

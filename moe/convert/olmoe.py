@@ -11,9 +11,12 @@ up_proj -> w_in, down_proj -> w_out; the router mlp.gate -> moe/router/kernel. T
          i is MoE unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0, which
          maps to model.first_moe_layer / moe_interval where that pattern is one of ours (a dense
          block is a SwiGLU MLP of width intermediate_size).
-Import routes dropless (capacity_factor None), as transformers does. `router_aux_loss_coef` ->
-moe.load_balance_weight (the same E * sum_e f_e P_e term); neither config stores a z-loss
-coefficient, so moe.z_loss_weight is 0.
+Import routes dropless (capacity_factor None), as transformers does. `router_aux_loss_coef` <->
+moe.load_balance_weight as is, as for Mixtral (a fine-tuning weight, not part of the function:
+transformers' term counts f_e over the K choices, so it sums to K, and pools the layers, where
+ours sums to 1 and adds the layers' losses; the same weight is (MoE blocks / K) times stronger
+here). Neither config stores a z-loss weight (OLMoE trained with one, outside transformers), so
+moe.z_loss_weight is 0 on import.
 """
 
 from __future__ import annotations

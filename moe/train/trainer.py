@@ -260,7 +260,7 @@ def _train(cfg, workdir: str, s: Setup, guard, stop_at_step, t_start) -> dict:
       moved = machine.record(workdir, resume_step)  # devices.json; another machine warns
       if moved:
         logging.warning("%s", moved)
-      # 7. init: sharded by construction (or init_from's params), unless resumed.
+      # 7. init: sharded by construction (or init_from's params and bias), unless resumed.
       state = (resumed[1] if resumed else
                _initial_state(cfg, s, tx, state_shardings, fresh=True))
       # 8. step: compiled ahead of the loop, so compile time is reported on its own; not at
@@ -405,12 +405,13 @@ def _initial_state(cfg, s: Setup, tx, shardings, *, fresh: bool) -> dict:
   """Step-0 state: params (or init_from's when `fresh`), a fresh optimizer, the run's rng."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
   variables = jax.jit(s.init_fn, out_shardings=s.shardings)(init_rng)
-  params = variables["params"]
+  params, moe_bias = variables["params"], variables["moe_bias"]
   if fresh and cfg.train.init_from:
     params = _initial_params(cfg, s)
+    moe_bias = _initial_moe_bias(cfg, s, moe_bias)
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
   return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-          "params": params, "opt_state": opt_state, "moe_bias": variables["moe_bias"],
+          "params": params, "opt_state": opt_state, "moe_bias": moe_bias,
           "rng": jax.device_put(train_rng, shardings["rng"])}
 
 
@@ -423,3 +424,16 @@ def _initial_params(cfg, s: Setup):
     new = upcycle.upcycle_params(dense, s.abstract["params"], cfg)
     return jax.device_put(new, s.shardings["params"])
   return ckpt_lib.load_params(tc.init_from, s.abstract["params"], where="train.init_from")
+
+
+def _initial_moe_bias(cfg, s: Setup, fresh):
+  """`train.init_from`'s balancing bias when it saved one (e.g. a converted DeepSeek-V3's
+  correction bias, part of its function), else the fresh zeros."""
+  tc = cfg.train
+  if tc.upcycle or not fresh:
+    return fresh
+  directory, step = ckpt_lib.resolve(tc.init_from)
+  if not any(k.startswith("moe_bias/") for k in ckpt_lib.saved_state_shapes(directory, step)):
+    return fresh
+  return ckpt_lib.load_state_items(tc.init_from, {"moe_bias": s.abstract["moe_bias"]},
+                                   where="train.init_from")["moe_bias"]

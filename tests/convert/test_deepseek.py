@@ -4,6 +4,7 @@ generation through our latent KV cache, and a model initialised here exported as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -205,7 +206,6 @@ def trained_here(**moe_kw):
              num_groups=4, groups_selected=2, group_score="top2_sum", routed_scale=2.0,
              num_shared_experts=2, shared_expert_hidden=6)
   moe.update(moe_kw)
-  import dataclasses
   return dataclasses.replace(model, moe=MoeConfig(**moe))
 
 
@@ -251,3 +251,31 @@ def test_what_deepseek_cannot_express(model_kw, moe_kw, needles):
   with one_line_error(*needles):
     kind = layouts.export_type(model, moe)
     layouts.EXPORTERS[kind](model, moe, lambda i: {}, {})
+
+
+@pytest.mark.slow  # a real training run (~20 s on 2 cores)
+def test_finetune_from_a_deepseek_checkpoint_keeps_its_bias(tiny_config, tmp_path):
+  """`train.init_from` a checkpoint with a correction bias (as a converted DeepSeek-V3 has):
+  the real trainer runs MLA with sigmoid routing and starts from that bias, not from zeros."""
+  from tiny_models import init
+  from moe.train import trainer as train
+  mc = trained_here(bias_rate=0.0)  # bias_rate 0: training keeps the bias as loaded
+  v = init(dataclasses.replace(mc, vocab_size=259), jnp.asarray(tokens(seed=4)), seed=7)
+  bias = jax.tree.map(lambda x: np.asarray(
+      np.random.default_rng(8).normal(size=x.shape) * 0.3, np.float32), v["moe_bias"])
+  parent = str(tmp_path / "parent")
+  convert.save_checkpoint(parent, v["params"], bias)
+  model_fields = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                  "qk_rope_head_dim", "v_head_dim", "rope_interleave", "first_moe_layer",
+                  "d_model", "num_heads", "num_kv_heads", "d_ff", "norm_eps")
+  overrides = {f"model.{f}": getattr(mc, f) for f in model_fields}
+  overrides.update({f"moe.{f}": getattr(mc.moe, f) for f in (
+      "num_experts", "num_selected", "expert_hidden", "score_func", "bias_balancing",
+      "bias_rate", "num_groups", "groups_selected", "group_score", "routed_scale",
+      "num_shared_experts", "shared_expert_hidden")})
+  cfg = tiny_config({**overrides, "model.vocab_size": 259, "train.init_from": parent,
+                     "train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2})
+  assert train.train_and_evaluate(cfg, str(tmp_path / "ft"))["status"] == "completed"
+  after = convert._load_moe_bias(str(tmp_path / "ft"))
+  assert set(after) == set(bias) == {"block_1"}
+  np.testing.assert_array_equal(after["block_1"]["moe"]["bias"], bias["block_1"]["moe"]["bias"])

@@ -320,7 +320,10 @@ from tiny_models import tiny, dropless_moe, init, fwd, tokens, abstract_vars
 from moe.model.transformer import Transformer
 from moe.sharding import make_mesh, LOGICAL_RULES
 mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, expert=2, tensor=2)))
-for cfg in [tiny(vocab_size=40), tiny(vocab_size=40, moe=dropless_moe(), scan_layers=True)]:
+mla = dict(attention="mla", q_lora_rank=6, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+           v_head_dim=6, rope_interleave=True)
+for cfg in [tiny(vocab_size=40), tiny(vocab_size=40, moe=dropless_moe(), scan_layers=True),
+            tiny(vocab_size=40, moe=dropless_moe(score_func="sigmoid"), first_moe_layer=1, **mla)]:
   v = init(cfg)
   toks = tokens(l=8, b=4)
   ref = np.asarray(fwd(cfg, v, toks))
@@ -342,10 +345,11 @@ for cfg in [tiny(vocab_size=40), tiny(vocab_size=40, moe=dropless_moe(), scan_la
 @pytest.mark.slow
 def test_sharded_forward_matches_single_device():
   """Params placed by their logical names on a data x expert x tensor mesh of 8 CPU devices
-  (a fresh process, so the device count can be forced) give the single-device logits."""
+  (a fresh process, so the device count can be forced) give the single-device logits (MLA
+  included)."""
   import subprocess
   import sys
   code = SHARDED_SCRIPT.format(repo=REPO, tests=TESTS)
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.count("ok") == 2
+  assert r.stdout.count("ok") == 3

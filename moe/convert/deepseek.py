@@ -87,6 +87,11 @@ def _common(hf: dict, where: str) -> dict:
   if hf.get("hidden_act", "silu") != "silu":
     raise ConfigError(f"{where}: hidden_act={hf.get('hidden_act')!r} is not supported (SwiGLU "
                       "with silu only)")
+  quant = hf.get("quantization_config")
+  if quant:
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    raise ConfigError(f"{where}: quantization_config (quant_method={method!r}) is not "
+                      "supported: convert a bfloat16 / float32 checkpoint")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise ConfigError(f"{where}: {flag}=True is not supported")

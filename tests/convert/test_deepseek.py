@@ -153,13 +153,23 @@ def test_deepseek_v2_logits_match_and_round_trip(method, tmp_path):
                     toks, ref)
 
 
-def test_rope_scaling_refused(tmp_path):
+def test_rope_scaling_and_fp8_refused(tmp_path):
   model = v3_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0,
                    rope_parameters={"rope_theta": 500.0, "rope_type": "yarn", "factor": 4.0,
                                     "original_max_position_embeddings": 16})
   d = str(tmp_path / "hf")
   model.save_pretrained(d)
   with one_line_error("rope_type='yarn'"):
+    convert.from_hf(d, str(tmp_path / "w"))
+  # DeepSeek-V3's own fp8 checkpoints: refused in one line, not a list of unused scale tensors.
+  model = v3_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0)
+  model.save_pretrained(d)
+  with open(os.path.join(d, "config.json")) as f:
+    cfg = json.load(f)
+  cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+  with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  with one_line_error("quant_method='fp8'"):
     convert.from_hf(d, str(tmp_path / "w"))
 
 
@@ -209,9 +219,12 @@ def trained_here(**moe_kw):
   return dataclasses.replace(model, moe=MoeConfig(**moe))
 
 
-def test_initialised_here_exports_as_deepseek_v3(tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_initialised_here_exports_as_deepseek_v3(scan, tmp_path):
   from tiny_models import init
   mc = trained_here()
+  if scan:  # stacked params and bias (scanned blocks are all MoE)
+    mc = dataclasses.replace(mc, scan_layers=True, first_moe_layer=0)
   toks = jnp.asarray(tokens(seed=4))
   v = init(mc, toks, seed=5)
   v["moe_bias"] = jax.tree.map(
@@ -225,13 +238,14 @@ def test_initialised_here_exports_as_deepseek_v3(tmp_path):
                                    "num_kv_heads", "d_ff", "max_len", "attention", "q_lora_rank",
                                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                                    "v_head_dim", "rope_interleave", "first_moe_layer",
-                                   "norm_eps")},
+                                   "norm_eps", "scan_layers")},
       {k: getattr(mc.moe, k) for k in mc.moe.__dataclass_fields__})
   with open(os.path.join(work, "config.json"), "w") as f:
     json.dump(groups, f)
   out = str(tmp_path / "hf")
   config = convert.to_hf(work, out)
   assert config["model_type"] == "deepseek_v3" and config["n_shared_experts"] == 1
+  assert config["first_k_dense_replace"] == (0 if scan else 1)
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert type(back).__name__ == "DeepseekV3ForCausalLM"
   assert rel_err(hf_logits(back, toks), ours) < 1e-4

@@ -48,7 +48,8 @@ BY_TYPE = {
 # Fields where None is a setting (placeholders, or "from the tokenizer").
 OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap", "model.qk_norm",
             "model.q_lora_rank",
-            "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size"}
+            "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size",
+            "moe.shared_expert_hidden"}
 FILL = "mesh.data=-1 cannot fill"  # a mesh axis too large for the 1 device the table assumes
 
 ROWS = {
@@ -104,6 +105,13 @@ ROWS = {
     "moe.bias_balancing": [],
     "moe.bias_rate": [-1.0],
     "moe.router_dtype": ["float16"],
+    "moe.score_func": ["tanh", "Sigmoid"],
+    "moe.routed_scale": [0.0, -1.0],
+    "moe.num_groups": [0, -1, BIG, 3],  # 3 does not divide E=8
+    "moe.groups_selected": [0, -1, BIG, 2],  # 2 > num_groups=1
+    "moe.group_score": ["sum", "top2"],
+    "moe.shared_expert_hidden": [0, -1, BIG],
+    "moe.shared_expert_gate": [True],  # a gate on no shared experts
     "train.steps": [0, -1, 3_000_000_000],
     "train.batch_size": [0, -1, BIG],
     "train.learning_rate": [0.0, -1.0],

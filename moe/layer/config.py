@@ -118,10 +118,10 @@ def _validate_router_options(m: MoeConfig, prefix: str) -> None:
     raise ConfigError(f"{prefix}.num_groups ({m.num_groups}) must divide "
                       f"{prefix}.num_experts (E={m.num_experts})")
   per_group = m.num_experts // m.num_groups
+  if m.groups_selected > m.num_groups:
+    raise ConfigError(f"{prefix}.groups_selected ({m.groups_selected}) must be <= "
+                      f"{prefix}.num_groups ({m.num_groups})")
   if m.num_groups > 1:
-    if m.groups_selected > m.num_groups:
-      raise ConfigError(f"{prefix}.groups_selected ({m.groups_selected}) must be <= "
-                        f"{prefix}.num_groups ({m.num_groups})")
     if m.num_selected > m.groups_selected * per_group:
       raise ConfigError(f"{prefix}.num_selected (K={m.num_selected}) must be <= "
                         f"{prefix}.groups_selected * num_experts / num_groups "

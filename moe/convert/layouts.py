@@ -74,10 +74,22 @@ def export_type(model: dict, moe: dict | None) -> str:
     return deepseek_type
   if moe.get("num_shared_experts") and qwen2_moe.export_refusal(model, moe) is None:
     return "qwen2_moe"  # shared experts (gate or not): see moe/convert/qwen2_moe.py
+  if (model.get("qk_norm") is None and not _mixtral_expresses(model, moe)
+      and qwen2_moe.export_refusal(model, moe) is None):
+    # Unnormalised top-K, dense blocks or q/k/v biases without QK-norm: Qwen2-MoE with a
+    # zero-width shared expert (norm_topk_prob, mlp_only_layers and qkv_bias express them).
+    return "qwen2_moe"
   # Softmax top-K, standard attention, no shared experts: mixtral (renormalised, every block
   # MoE, no QK-norm), qwen3_moe (QK-norm "head"; norm_topk_prob = moe.renormalize, dense blocks
   # via mlp_only_layers) or olmoe (QK-norm "full").
   return olmoe.moe_type(model, moe)
+
+
+def _mixtral_expresses(model: dict, moe: dict) -> bool:
+  """Renormalised top-K in every block, no q/k/v biases: what Mixtral needs beyond the common
+  checks (olmoe.moe_type has the rest and its errors)."""
+  return (moe.get("renormalize", True) and model.get("moe_interval", 1) == 1
+          and model.get("first_moe_layer", 0) == 0 and not model.get("qkv_bias", False))
 
 
 def _deepseek_type(model: dict, moe: dict) -> str | None:

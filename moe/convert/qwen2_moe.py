@@ -166,8 +166,6 @@ def export_refusal(model: dict, moe: dict | None) -> str | None:
   """Why these `model` / `moe` groups cannot be exported as Qwen2-MoE (None: they can)."""
   if moe is None or not moe.get("enabled", True):
     return "the model is dense; Qwen2-MoE export needs MoE blocks"
-  if not moe.get("num_shared_experts", 0):
-    return "moe.num_shared_experts=0 (Qwen2-MoE always has a shared expert)"
   for cls, group, have, mapped in ((ModelConfig, "model", model, _MODEL_MAPPED),
                                    (MoeConfig, "moe", moe, _MOE_MAPPED)):
     for f in dataclasses.fields(cls):
@@ -185,6 +183,12 @@ def _moe_out(out: dict, m: str, moe_p: dict, moe: dict) -> None:
     out[f"{m}experts.{e}.gate_proj.weight"] = ex["w_gate"][e].T
     out[f"{m}experts.{e}.up_proj.weight"] = ex["w_in"][e].T
     out[f"{m}experts.{e}.down_proj.weight"] = ex["w_out"][e].T
+  if "shared" not in moe_p:  # no shared experts: a zero-width one adds exactly nothing
+    d, dtype = ex["w_in"].shape[1], ex["w_in"].dtype
+    for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+      out[f"{m}shared_expert.{name}.weight"] = np.zeros(shape, dtype)
+    out[m + "shared_expert_gate.weight"] = np.zeros((1, d), dtype)
+    return
   sh = moe_p["shared"]
   out[m + "shared_expert.gate_proj.weight"] = sh["w_gate"].T
   out[m + "shared_expert.up_proj.weight"] = sh["w_in"].T

@@ -163,8 +163,7 @@ def test_unsupported_settings_one_line(tmp_path):
                                 dict(num_shared_experts=1, score_func="sigmoid"))
   why = layouts.EXPORTERS["qwen2_moe"]
   for model_kw, moe_kw, match in ((dict(qk_norm="head"), {}, "model.qk_norm='head'"),
-                                  ({}, dict(score_func="sigmoid"), "moe.score_func='sigmoid'"),
-                                  ({}, dict(num_shared_experts=0), "num_shared_experts=0")):
+                                  ({}, dict(score_func="sigmoid"), "moe.score_func='sigmoid'")):
     m = {**groups["model"], "qk_norm": None, **model_kw}
     mo = {**groups["moe"], "score_func": "softmax", **moe_kw}
     with pytest.raises(ConfigError, match=match) as e:

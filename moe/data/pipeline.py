@@ -5,9 +5,12 @@
    `data.tfds_data_dir` if set, else `$TFDS_DATA_DIR` if set, else `<workdir>/../.tfds`, a folder
    beside the run folders, so every run of a project shares one prepared copy. A sweep applies
    the rule to its own workdir (`moe.sweep.spec.expand`), so its members share that folder too.
-2. The tokenizer: bytes (`data.tokenizer="byte"`, vocab 259), or SentencePiece
+2. The tokenizer: bytes (`data.tokenizer="byte"`, vocab 259), SentencePiece
    (`"sentencepiece"`, `data.sp_vocab_size`), trained once on (a bounded sample of) the training
-   split and cached in `<data dir>/moe_tokenizers/`.
+   split and cached in `<data dir>/moe_tokenizers/`, or a Hugging Face tokenizer
+   (`"hf:<tokenizer.json or a folder holding one>"`, e.g. an imported model's
+   `<workdir>/hf_tokenizer`, which the converted `config.py` sets; packed rows are keyed by a
+   digest of the file).
 3. Every split is tokenized and packed once into rows of `data.seq_len + 1` tokens
    (`moe.data.packing`), stored as .npy files in
    `<data dir>/moe_packed/<dataset>/<tokenizer>-L<len>/` and memory-mapped. Packing does not
@@ -81,7 +84,10 @@ def validate_data(d) -> None:
   if d.name == "textdir" and not d.text_dir:
     raise ConfigError("data.text_dir is empty; data.name='textdir' needs a folder of text files")
   check_str("data.tfds_data_dir", d.tfds_data_dir)
-  check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+  if isinstance(d.tokenizer, str) and d.tokenizer.startswith(tokenizers.HF_PREFIX):
+    tokenizers.hf_tokenizer_path(d.tokenizer)
+  else:
+    check_choice("data.tokenizer", d.tokenizer, TOKENIZERS + ("hf:<path>",))
   check_int("data.sp_vocab_size", d.sp_vocab_size, tokenizers.MIN_SP_VOCAB, high=MAX_SP_VOCAB)
   check_int("data.seq_len", d.seq_len, 1)  # <= model.max_len, checked by validate_config
   check_number("data.validation_fraction", d.validation_fraction, 0.0, 1.0, low_open=True,
@@ -95,6 +101,12 @@ def validate_data(d) -> None:
 def _make_tokenizer(d, source: sources.TextSource, data_dir: str):
   if d.tokenizer == "byte":
     return tokenizers.ByteTokenizer(), "byte"
+  if d.tokenizer.startswith(tokenizers.HF_PREFIX):
+    tok = tokenizers.HfTokenizer(tokenizers.hf_tokenizer_path(d.tokenizer))
+    if tok.eos_id is None:
+      raise ConfigError(f"data.tokenizer={d.tokenizer!r} names no EOS token (documents end with "
+                        "one): give its folder a tokenizer_config.json with eos_token")
+    return tok, f"hf-{tok.digest}"
   path = os.path.join(data_dir, "moe_tokenizers", f"{source.key}-sp{d.sp_vocab_size}.model")
   try:
     tok = tokenizers.load_or_train_sentencepiece(path, source.documents("train"),
@@ -107,8 +119,8 @@ def _make_tokenizer(d, source: sources.TextSource, data_dir: str):
 
 
 def encode_documents(tok, texts):
-  """Each text as [BOS, its token ids..., EOS] (int32), encoded in chunks of 256 texts."""
-  bos, eos = np.array([tok.bos_id], np.int32), np.array([tok.eos_id], np.int32)
+  """Each text as [BOS, its token ids..., EOS] (int32; no BOS when the tokenizer has none),
+  encoded in chunks of 256 texts."""
   chunk: list[str] = []
 
   def encode(batch):
@@ -120,10 +132,10 @@ def encode_documents(tok, texts):
     chunk.append(text)
     if len(chunk) == 256:
       for ids in encode(chunk):
-        yield np.concatenate([bos, ids, eos])
+        yield tokenizers.document(tok, ids)
       chunk = []
   for ids in encode(chunk):
-    yield np.concatenate([bos, ids, eos])
+    yield tokenizers.document(tok, ids)
 
 
 def _pack_splits(source, tok, tok_key: str, seq_len: int, data_dir: str) -> tuple[str, dict]:

@@ -1,6 +1,8 @@
-"""Tokenizers: byte-level (the default, nothing to train) and SentencePiece (trained once, cached).
+"""Tokenizers: byte-level (the default, nothing to train), SentencePiece (trained once, cached)
+and a Hugging Face `tokenizer.json` (`data.tokenizer="hf:<path>"`, e.g. an imported model's).
 
-Both share the id layout 0 = pad, 1 = bos, 2 = eos and expose `encode(str) -> list[int]`,
+Byte and SentencePiece share the id layout 0 = pad, 1 = bos, 2 = eos (a Hugging Face tokenizer
+has its own, and may have no BOS); all three expose `encode(str) -> list[int]`,
 `decode(ids) -> str`, `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `num_bytes(ids)` (the UTF-8
 bytes the tokens stand for, 0 for special tokens) and `bytes_per_id` (that count per vocabulary id,
 a float32 numpy table) for bits per byte.
@@ -8,12 +10,18 @@ a float32 numpy table) for bits per byte.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from moe import rundir
+from moe.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_SP_VOCAB = 320  # 256 byte pieces + 4 specials + "\n" + room for the corpus' characters
@@ -137,3 +145,170 @@ def load_or_train_sentencepiece(path: str, texts: Iterable[str],
       f.write(proto)
     os.replace(tmp, path)
   return SentencePieceTokenizer.load(path)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+HF_PREFIX = "hf:"  # data.tokenizer="hf:<tokenizer.json, or a folder holding one>"
+TOKENIZER_JSON = "tokenizer.json"
+SPECIAL_TOKENS_JSON = "special_tokens.json"  # {"bos_id", "eos_id", "pad_id"}, written by import
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def hf_tokenizer_path(spec: str, field: str = "data.tokenizer") -> str:
+  """The tokenizer.json named by `spec` ("hf:<file or folder>", or the path itself); a one-line
+  ConfigError naming `field` when there is none."""
+  path = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+  path = os.path.expanduser(path)
+  if path and not rundir.is_remote(path) and os.path.isdir(path):
+    path = os.path.join(path, TOKENIZER_JSON)
+  elif path and rundir.is_remote(path) and not path.endswith(".json"):
+    path = rundir.join(path, TOKENIZER_JSON)
+  if not path or not rundir.exists(path):
+    raise ConfigError(f"{field}={spec!r}: no tokenizer.json there; use byte | sentencepiece | "
+                      "hf:<a tokenizer.json, or a folder holding one>")
+  return path
+
+
+def _token_id(tok, value):
+  """A tokenizer_config.json entry (a string or {"content": ...}) -> its id, or None."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+class HfTokenizer:
+  """A Hugging Face `tokenizer.json` through the `tokenizers` package, with this project's
+  tokenizer interface (`encode`, `encode_array`, `encode_many`, `decode`, `vocab_size`,
+  `bos_id` / `eos_id` / `pad_id` (None when it has none), `num_bytes`, `bytes_per_id`).
+
+  Special ids: `special_tokens.json` beside it (written by `python -m moe.convert`), else the
+  bos/eos/pad tokens of a `tokenizer_config.json` beside it. `bytes_per_id`: 0 for special
+  tokens, 1 for a byte-fallback piece `<0xNN>`, the token's length for byte-level BPE (one
+  character per byte), else the UTF-8 length of the piece with the Metaspace "▁" as a space
+  (exact for byte-level and SentencePiece-style vocabularies, approximate otherwise)."""
+
+  name = "hf"
+
+  def __init__(self, path: str):
+    try:  # only Hugging Face tokenizers need the package
+      from tokenizers import Tokenizer
+    except ImportError:
+      raise ConfigError(f"{path} is a Hugging Face tokenizer; reading it needs the `tokenizers` "
+                        "package (pip install tokenizers)") from None
+    if not path.endswith(".json"):
+      path = rundir.join(path, TOKENIZER_JSON)
+    self.path = path
+    self.json_text = rundir.read_text(path)
+    try:
+      self._tok = Tokenizer.from_str(self.json_text)
+    except Exception as e:  # noqa: BLE001 - the Rust parser's errors have no common base class
+      first = (str(e).splitlines() or [""])[0][:200]
+      raise ConfigError(f"{path}: not a Hugging Face tokenizer.json ({first})") from None
+    self.digest = hashlib.sha256(self.json_text.encode("utf-8")).hexdigest()[:8]
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    ids = self._special_ids(folder)
+    self.bos_id, self.eos_id, self.pad_id = ids["bos_id"], ids["eos_id"], ids["pad_id"]
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    self.bytes_per_id = self._bytes_table()
+
+  def _special_ids(self, folder: str) -> dict:
+    def load(name):
+      p = rundir.join(folder, name)
+      if not rundir.exists(p):
+        return None
+      try:
+        return rundir.load_json(p, name)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    ours = load(SPECIAL_TOKENS_JSON)
+    if isinstance(ours, dict):
+      return {k: ours.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+    theirs = load("tokenizer_config.json") or {}
+    return {f"{k}_id": _token_id(self._tok, theirs.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
+
+  def _bytes_table(self) -> np.ndarray:
+    spec = json.loads(self.json_text)
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) + json.dumps(
+        spec.get("pre_tokenizer"))
+    added = {int(t["id"]): t for t in spec.get("added_tokens", [])}
+    table = np.zeros(self.vocab_size, np.float32)
+    for i in range(self.vocab_size):
+      if i in added:
+        table[i] = 0.0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
+        continue
+      piece = self._tok.id_to_token(i)
+      if piece is None:
+        continue
+      if _BYTE_PIECE.fullmatch(piece):
+        table[i] = 1.0
+      elif byte_level:
+        table[i] = len(piece)
+      else:
+        table[i] = len(piece.replace("\u2581", " ").removeprefix("##").encode("utf-8"))
+    return table
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.encode(text), dtype=np.int32)
+
+  def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+    out = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int32) for e in out]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                            skip_special_tokens=True)
+
+  def num_bytes(self, ids: Sequence[int]) -> int:
+    return int(self.bytes_per_id[np.asarray(ids, dtype=np.int64)].sum())
+
+  def id_to_token(self, i: int) -> str | None:
+    return self._tok.id_to_token(int(i))
+
+
+def document(tok, ids) -> np.ndarray:
+  """[BOS (when the tokenizer has one)] + ids + [EOS] as int32: one document of packed rows."""
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  return np.concatenate([np.asarray(bos, np.int32), np.asarray(ids, np.int32),
+                         np.asarray([tok.eos_id], np.int32)])
+
+
+# ----------------------------------------------------------------------------- export
+
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of ByteTokenizer
+
+
+def byte_tokenizer_json() -> str:
+  """`ByteTokenizer` as a Hugging Face tokenizer.json: byte-level pieces, no merges (byte b ->
+  id b + 3), `<pad>` `<s>` `</s>` = 0 1 2, BOS prepended when special tokens are added (as the
+  model saw documents in training). Loaded by `transformers.AutoTokenizer` it encodes text to the
+  ids `ByteTokenizer.encode` gives."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  table = _bytes_to_unicode()
+  vocab = {s: i for i, s in enumerate(BYTE_SPECIALS)}
+  vocab.update({table[b]: b + ByteTokenizer.offset for b in range(256)})
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+  tok.add_special_tokens(list(BYTE_SPECIALS))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
+  return tok.to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character table (the ByteLevel pre-tokenizer's)."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+      range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))

@@ -8,7 +8,8 @@ each runs once. `validate_config(cfg)` runs them all, in this order (the first e
                   field, the MoE layer's, and scan_layers' identical blocks)
   3. train        the `train` group's fields, `train.trainable`, `train.upcycle`'s needs
   4. data         the `data` group (`moe.data.pipeline.validate_data`), data.seq_len <= max_len
-  5. init_from    `train.init_from` names a checkpoint on disk
+  5. init_from    `train.init_from` names a checkpoint on disk; one converted with its own
+                  tokenizer (`hf_tokenizer/`) needs `data.tokenizer="hf:..."`
   6. mesh         `cfg.mesh` against this machine's devices and processes (`check_mesh`)
 
 Steps 1-4 read only the config (`validate_fields`: a sweep checks every run with them while it
@@ -28,12 +29,14 @@ import jax
 from etils import epath
 from jax.sharding import NamedSharding
 
+from moe import rundir
 from moe import sharding as sharding_lib
 from moe import trees
 from moe.data.pipeline import validate_data
 from moe.errors import (INT32_MAX, SEED_MAX, ConfigError, check_bool, check_choice, check_int,
                         check_number, check_str)
 from moe.model.config import validate_model_groups
+from moe.rundir import HF_TOKENIZER_DIR
 from moe.train import checkpoint as ckpt_lib
 from moe.train import step as step_lib
 from moe.train.profiling import parse_profile_steps
@@ -115,11 +118,24 @@ def validate_environment(cfg, num_devices: int | None = None,
   """Steps 5-6: train.init_from on disk and the mesh on the devices (after `validate_fields`)."""
   if cfg.train.init_from:
     try:
-      ckpt_lib.resolve(cfg.train.init_from)
+      directory, _ = ckpt_lib.resolve(cfg.train.init_from)
     except ConfigError as e:
       raise ConfigError(f"train.init_from: {e}") from None
+    check_init_from_tokenizer(cfg, directory)
   check_mesh(cfg, jax.device_count() if num_devices is None else num_devices,
              jax.process_count() if num_processes is None else num_processes)
+
+
+def check_init_from_tokenizer(cfg, checkpoints_dir: str) -> None:
+  """An imported model's token ids are its tokenizer's: training it on another tokenizer's ids
+  (the byte default) is refused in one line naming the `data.tokenizer` to set."""
+  run = rundir.join(checkpoints_dir.rstrip("/").rpartition("/")[0], HF_TOKENIZER_DIR)
+  spec = cfg.data.tokenizer
+  if (rundir.exists(rundir.join(run, "tokenizer.json"))
+      and not (isinstance(spec, str) and spec.startswith("hf:"))):
+    raise ConfigError(f"data.tokenizer={spec!r}, but train.init_from={cfg.train.init_from!r} is a "
+                      f"converted model with its own tokenizer: set data.tokenizer='hf:{run}' "
+                      "(its config.py does)")
 
 
 def check_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:

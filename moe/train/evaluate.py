@@ -47,6 +47,7 @@ from moe import runconfig
 from moe import sharding as sharding_lib
 from moe.data import packing
 from moe.data import sources
+from moe.data import tokenizers
 from moe.data.pipeline import EVAL_SEED, PackedRows, encode_documents
 from moe.errors import ConfigError
 from moe.rundir import CHECKPOINTS_DIR, eval_result_file, write_json_atomic
@@ -135,7 +136,7 @@ def file_batches(s: trainer.Setup, path: str) -> list[dict]:
   except (OSError, ValueError) as e:  # missing, unreadable, not UTF-8
     raise ConfigError(f"--eval_file={path}: {getattr(e, 'strerror', None) or e}") from None
   tok = s.data.tokenizer
-  doc = np.concatenate([[tok.bos_id], np.asarray(tok.encode_array(text)), [tok.eos_id]])
+  doc = tokenizers.document(tok, tok.encode_array(text))
   tokens, segments = packing.pack_documents([doc.astype(np.int64)], s.cfg.data.seq_len + 1)
   if tokens.shape[0] == 0 or not text.strip():
     raise ConfigError(f"--eval_file={path}: the file holds no text to evaluate")

@@ -5,7 +5,9 @@
 `main(cfg, workdir, *, prompt, show_routing, max_new_tokens, temperature, top_p, seed, stop)`
 loads the newest checkpoint in `workdir` (params and the MoE balancing bias), the tokenizer of
 `cfg.data` (or the Hugging Face tokenizer a conversion left in `workdir/hf_tokenizer/`), and
-prints the completion of `prompt`; `prompt=None` reads prompts from stdin, one per line, until
+prints the prompt followed by its completion (`completion_text`: the completion is decoded
+together with the prompt, so tokenizers whose pieces' text depends on what precedes them print
+it right); `prompt=None` reads prompts from stdin, one per line, until
 EOF. `main(flags.FLAGS)` (launch.py's call) reads all of that from the absl flags. `cfg` must
 agree with `workdir/config.json` where there is one (`moe.runconfig.EVAL_MAY_CHANGE`); launch.py
 uses that file when no --config is given.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -41,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe.data.tokenizers import ByteTokenizer
+from moe.data.tokenizers import (HF_PREFIX, TOKENIZER_JSON, ByteTokenizer, HfTokenizer,
+                                  hf_tokenizer_path)
 from moe import runconfig
 from moe.errors import INT32_MAX, SEED_MAX, ConfigError, check_int, check_number
 from moe.inference import routing_view
@@ -58,46 +62,36 @@ DEFAULTS = dict(max_new_tokens=128, temperature=0.7, top_p=0.95, seed=0)
 # ----------------------------------------------------------------------------- tokenizers
 
 
-class HfTokenizer:
-  """A Hugging Face `tokenizer.json` (via the `tokenizers` library): encode/decode and ids."""
-
-  def __init__(self, folder: str):
-    try:  # optional dependency: only converted Hugging Face checkpoints need it
-      from tokenizers import Tokenizer
-    except ImportError:
-      raise ConfigError(f"{folder} holds a Hugging Face tokenizer; reading it needs the "
-                        "`tokenizers` package (pip install tokenizers)") from None
-    # Read through etils.epath: `folder` may be remote (gs://...).
-    self._tok = Tokenizer.from_str(rundir.read_text(rundir.join(folder, "tokenizer.json")))
-    meta_path = rundir.join(folder, "special_tokens.json")
-    try:
-      meta = rundir.load_json(meta_path, "special tokens") if rundir.exists(meta_path) else {}
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    self.vocab_size = self._tok.get_vocab_size()
-    self.bos_id = meta.get("bos_id")
-    self.eos_id = meta.get("eos_id")
-    self.pad_id = meta.get("pad_id")
-
-  def encode(self, text: str) -> list[int]:
-    return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode(list(map(int, ids)), skip_special_tokens=True)
-
-
 def load_tokenizer(cfg, workdir: str):
-  """`workdir/hf_tokenizer/` when a conversion left one there, else the data config's."""
+  """`workdir/hf_tokenizer/` when a conversion left one there, else the data config's
+  (`data.tokenizer`: byte, sentencepiece or hf:<path>)."""
   hf = rundir.join(workdir, HF_TOKENIZER_DIR)
-  if rundir.exists(rundir.join(hf, "tokenizer.json")):
+  if rundir.exists(rundir.join(hf, TOKENIZER_JSON)):
     return HfTokenizer(hf)
   if cfg.data.tokenizer == "byte":
     return ByteTokenizer()
+  if isinstance(cfg.data.tokenizer, str) and cfg.data.tokenizer.startswith(HF_PREFIX):
+    return HfTokenizer(hf_tokenizer_path(cfg.data.tokenizer))
   # SentencePiece: trained once on the data and cached there. Imported here for import time:
   # the data pipeline brings in TensorFlow (TFDS), which a byte-level completion never needs.
   from moe.data import pipeline as data_lib
   data_lib.validate_data(cfg.data)
   return data_lib.make_data(cfg, workdir=workdir).tokenizer
+
+
+def completion_text(tokenizer, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+  """The text `ids` add after `prompt_ids`: decode(prompt + completion) minus decode(prompt).
+
+  Decoding the completion on its own is wrong for tokenizers whose pieces' text depends on
+  their position (a Metaspace "▁w" decodes to " w" inside a text but to "w" at its start, so the
+  completion would lose its leading space, and a byte-level piece may finish a character the
+  prompt began). Where decode(prompt) is not a prefix of the whole, the text after their common
+  prefix is returned."""
+  head = tokenizer.decode(list(prompt_ids))
+  whole = tokenizer.decode(list(prompt_ids) + list(ids))
+  if whole.startswith(head):
+    return whole[len(head):]
+  return whole[len(os.path.commonprefix([head, whole])):]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -220,7 +214,7 @@ class Generator:
         break
       ids.append(t)
       if stop:  # decoded per token only to look for a stop string
-        text = self.tokenizer.decode(ids)
+        text = completion_text(self.tokenizer, prompt_ids, ids)
         cut = min((text.find(s) for s in stop if s and s in text), default=-1)
         if cut >= 0:
           text, stopped = text[:cut], "stop"
@@ -233,7 +227,7 @@ class Generator:
       if capture_routing:
         routing.append(routing_per_layer(inter, 1))
     if stopped != "stop":
-      text = self.tokenizer.decode(ids)
+      text = completion_text(self.tokenizer, prompt_ids, ids)
     merged = None
     if capture_routing and ids and stopped != "eos" and len(prompt_ids) + len(ids) <= cache_size:
       # Feed the last token once more, only to see how it is routed.

@@ -2,6 +2,7 @@ r"""Convert Hugging Face checkpoints to this project's format and back.
 
   python -m moe.convert --from_hf=DIR --to=WORKDIR      # GPT-2, Mixtral, DeepSeek -> ours
   python -m moe.convert --from=WORKDIR --to_hf=DIR      # our checkpoint -> a HF folder (layouts.export_type)
+        [--dtype=bfloat16|float32]                      # default: each tensor as stored
         [--config=configs/x.py --config.moe.num_experts=4]   # when WORKDIR has no config.json
 
 Flags and the config file are read like launch.py's (`moe.cli`: absl flags, `--config=path[:arg]`,
@@ -9,8 +10,12 @@ Flags and the config file are read like launch.py's (`moe.cli`: absl flags, `--c
 from the run's `config.json` (every run writes it, `moe.runconfig`); a `--config` given as well
 must agree with it in those groups.
 
-Import reads a local folder (`config.json` + `*.safetensors`, read by the `safetensors` package's
-numpy front end: no PyTorch; export writes the format the same way) and writes into WORKDIR:
+Import reads a local folder (`config.json` + `*.safetensors`, opened with the `safetensors`
+package's `safe_open(path, "numpy")`: no PyTorch) one tensor at a time, in its stored dtype
+(`moe.convert.tensors`): a bfloat16 model stays bfloat16 in the checkpoint (training, evaluation
+and generation restore params as float32), and host memory holds the converted params plus the
+tensor being read. Export writes `model.safetensors` tensor by tensor in the checkpoint's dtype
+(`--dtype` casts). It writes into WORKDIR:
 
 - `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`,
   `params` and, when the model has one, the `moe_bias` collection (DeepSeek-V3's correction
@@ -19,14 +24,18 @@ numpy front end: no PyTorch; export writes the format the same way) and writes i
 - `config.json`: the `model` and `moe` config groups that describe the architecture, plus where
   it came from; `config.py`: a config file for launch.py (configs/default.py with those groups),
   used as `--config=WORKDIR/config.py`;
-- `hf_tokenizer/`: the folder's `tokenizer.json` and its special token ids when present, which
-  `moe.inference.generate` then uses instead of the data config's tokenizer.
+- `hf_tokenizer/`: the folder's `tokenizer.json` (+ tokenizer_config.json etc.) and its special
+  token ids when present (`moe.convert.tokenizer_files`); `config.py` then sets
+  `data.tokenizer="hf:<that folder>"`, so fine-tuning tokenizes its data with it, and
+  `moe.inference.generate` uses it.
 
 Supported architectures: see `moe.convert.layouts.SUPPORTED` (one module per family); anything else is a one-line error
 naming `model_type` / `architectures`. Export writes `config.json` + `model.safetensors` that
-`transformers` loads (`layouts.export_type` picks Mixtral or DeepSeek-V3/V2; the checkpoint's
-`moe_bias` travels as DeepSeek-V3's correction bias). Hugging Face routes dropless: a model
-trained with a capacity factor computes the same except where it dropped tokens.
+`transformers.AutoModelForCausalLM` loads (`layouts.export_type` picks the type, e.g. Mixtral or
+DeepSeek-V3/V2; the checkpoint's `moe_bias` travels as DeepSeek-V3's correction bias), plus the
+run's tokenizer and a `generation_config.json` (`moe.convert.tokenizer_files`). Hugging Face
+routes dropless: a model trained with a capacity factor computes the same except where it dropped
+tokens.
 """
 
 from __future__ import annotations
@@ -42,18 +51,20 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from moe import cli
 from moe import runconfig
 from moe.convert import layouts
+from moe.convert import tensors as tensors_lib
+from moe.convert import tokenizer_files
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig, model_config_from, validate_model
 from moe.model.transformer import Transformer, param_shapes
 from moe import trees
 from moe import rundir
-from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
+from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
 
 CONFIG_JSON = "config.json"  # a Hugging Face model folder's; our workdir's is CONFIG_FILE
@@ -75,16 +86,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                       f"{first})") from None
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
-  """The inverse of `read_safetensors` (numpy dtypes and bfloat16; metadata values as text),
-  replacing `path` (local or remote) atomically."""
-  arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
-  with rundir.replacing(path) as tmp:
-    save_file(arrays, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
+write_safetensors = tensors_lib.write_safetensors  # tensor by tensor, see moe.convert.tensors
+
+EXPORT_DTYPES = {"bfloat16": "bfloat16", "float32": "float32"}
 
 
-def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json, every tensor of every *.safetensors file) of a local HF model folder."""
+def read_hf_folder(folder: str) -> tuple[dict, tensors_lib.SafetensorsFiles]:
+  """(config.json, the tensors of every *.safetensors file, read when looked up) of a local HF
+  model folder."""
   if rundir.is_remote(folder):
     raise ConfigError(f"--from_hf={folder}: give a local folder (the safetensors files are "
                       "memory-mapped); copy the model down first")
@@ -100,10 +109,7 @@ def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
   if not files:
     raise ConfigError(f"--from_hf={folder}: no *.safetensors files (PyTorch .bin checkpoints are "
                       "not read: re-save with save_pretrained(safe_serialization=True))")
-  tensors = {}
-  for path in files:
-    tensors.update(read_safetensors(path))
-  return hf, tensors
+  return hf, tensors_lib.SafetensorsFiles(files)
 
 
 def architecture(hf: dict, where: str) -> str:
@@ -140,6 +146,9 @@ def get_config():
     for key, value in spec[group].items():
       c[group][key] = value
   c.data.seq_len = min(c.data.seq_len, c.model.max_len)
+  tokenizer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_tokenizer")
+  if os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):  # the model's own tokenizer
+    c.data.tokenizer = "hf:" + tokenizer
   return c
 '''
 
@@ -160,12 +169,13 @@ def model_groups(model: dict, moe: dict | None) -> dict:
 
 def save_checkpoint(workdir: str, params, moe_bias=None) -> str:
   """Writes `params` (and the `moe_bias` collection, when not empty) as step 0 in
-  `workdir/checkpoints` (moe.train.checkpoint's format)."""
+  `workdir/checkpoints` (moe.train.checkpoint's format), each param in its own dtype (loading
+  for training casts to the model's float32)."""
   directory = rundir.join(workdir, CHECKPOINTS_DIR)
   if rundir.isdir(directory) and any(p.name.isdigit() for p in epath.Path(directory).iterdir()):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
   state = {"step": np.zeros((), np.int32),
-           "params": jax.tree.map(lambda x: np.asarray(x, np.float32), params)}
+           "params": jax.tree.map(np.asarray, params)}
   if moe_bias:
     state["moe_bias"] = jax.tree.map(lambda x: np.asarray(x, np.float32), moe_bias)
   ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
@@ -206,14 +216,7 @@ def from_hf(folder: str, workdir: str) -> dict:
                     "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id")}
   write_json_atomic(rundir.join(workdir, CONFIG_FILE), spec, default=None)
   rundir.write_text_atomic(rundir.join(workdir, CONFIG_PY), _config_py(f"from {arch}"))
-  tok = os.path.join(folder, "tokenizer.json")
-  if os.path.isfile(tok):
-    dst = rundir.join(workdir, HF_TOKENIZER_DIR)
-    rundir.makedirs(dst)
-    rundir.copy_file(tok, rundir.join(dst, "tokenizer.json"))
-    write_json_atomic(rundir.join(dst, "special_tokens.json"),
-                      {"bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id"),
-                       "pad_id": hf.get("pad_token_id")}, indent=None, default=None)
+  tokenizer_files.import_tokenizer(folder, hf, workdir)
   return spec
 
 
@@ -238,9 +241,16 @@ def _groups_of(workdir: str, cfg) -> dict:
                     "pass --config=<the config file the run was trained with>")
 
 
-def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
-  """Exports the newest checkpoint in `workdir` as a Hugging Face folder of the type `layouts.export_type` picks; returns its config.json.
-  `cfg`: the run's config (a ConfigDict or a config file) when `workdir` has no config.json."""
+def to_hf(workdir: str, out_dir: str, cfg=None, dtype: str | None = None,
+          report: list | None = None) -> dict:
+  """Exports the newest checkpoint in `workdir` as a Hugging Face folder of the type
+  `layouts.export_type` picks, with the run's tokenizer; returns its config.json.
+  `cfg`: the run's config (a ConfigDict or a config file) when `workdir` has no config.json;
+  `dtype`: "bfloat16" | "float32" to cast the weights to (default: as stored); `report`, when
+  given, gets a line saying which tokenizer was written."""
+  if dtype is not None and dtype not in EXPORT_DTYPES:
+    raise ConfigError(f"--dtype={dtype!r} must be one of {', '.join(EXPORT_DTYPES)} (or left out "
+                      "to keep the checkpoint's)")
   try:
     ckpt_lib.resolve(workdir)
   except ConfigError:
@@ -259,19 +269,22 @@ def to_hf(workdir: str, out_dir: str, cfg=None) -> dict:
     block = lambda i: _with_bias(params[f"block_{i}"], moe_bias.get(f"block_{i}"))  # noqa: E731
   top = {k: v for k, v in params.items() if not k.startswith("block")}
   config, tensors = layouts.EXPORTERS[hf_type](model, moe, block, top)
-  config["bos_token_id"], config["eos_token_id"], config["pad_token_id"] = 1, 2, 0
   source = rundir.join(workdir, CONFIG_FILE)
-  if rundir.exists(source):
-    src = _read_config_json(source).get("source", {})
-    for k in ("bos_token_id", "eos_token_id"):
-      if k in src:
-        config[k] = src[k]
+  run_config = _read_config_json(source) if rundir.exists(source) else {}
+  if cfg is not None and not isinstance(cfg, str) and "data" in cfg:
+    run_config = {**run_config, "data": cfg.data.to_dict()}
   rundir.makedirs(out_dir)
-  write_safetensors(rundir.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+  what = tokenizer_files.export_tokenizer(workdir, run_config, out_dir, config)
+  if report is not None:
+    report.append(what)
+  if dtype is not None:
+    config["dtype"] = dtype
+  else:
+    kinds = {str(np.asarray(t).dtype) for t in tensors.values()}
+    config["dtype"] = kinds.pop() if len(kinds) == 1 else config.get("dtype", "float32")
+  write_safetensors(rundir.join(out_dir, "model.safetensors"), tensors, {"format": "pt"},
+                    dtype=EXPORT_DTYPES.get(dtype))
   write_json_atomic(rundir.join(out_dir, CONFIG_JSON), config, indent=1, default=None)
-  tok = rundir.join(workdir, HF_TOKENIZER_DIR, "tokenizer.json")
-  if rundir.exists(tok):
-    rundir.copy_file(tok, rundir.join(out_dir, "tokenizer.json"))
   return config
 
 
@@ -328,6 +341,8 @@ def _parse(argv: list[str]):
   flags.DEFINE_string("from", None, "our workdir to export (newest checkpoint)", flag_values=fv)
   flags.DEFINE_string("to_hf", None, "folder to write the exported Hugging Face model into",
                       flag_values=fv)
+  flags.DEFINE_string("dtype", None, "export: cast the weights to bfloat16 | float32 (default: "
+                      "as stored in the checkpoint)", flag_values=fv)
   config = cli.define_config_flag(fv, sys_argv=p.argv)
   if p.config is None:  # no config: import needs none, export reads the run's config.json
     rest = fv(p.argv)
@@ -346,13 +361,17 @@ def main(argv=None) -> int:
     if len(rest) > 1:
       raise ConfigError(f"unexpected arguments {rest[1:]} (flags look like --name=value)")
     src = a["from"].value
+    if a.dtype is not None and not a.to_hf:
+      raise ConfigError("--dtype is an export flag (with --from=WORKDIR --to_hf=DIR)")
     if a.from_hf and a.to and not (src or a.to_hf):
       spec = from_hf(a.from_hf, a.to)
       print(f"converted {spec['source']['model_type']} from {a.from_hf} into {a.to} "
             f"(config: {rundir.join(a.to, CONFIG_PY)})")
     elif src and a.to_hf and not (a.from_hf or a.to):
-      config = to_hf(src, a.to_hf, cfg)
-      print(f"exported {src} as {config['model_type']} into {a.to_hf}")
+      report = []
+      config = to_hf(src, a.to_hf, cfg, dtype=a.dtype, report=report)
+      print(f"exported {src} as {config['model_type']} ({config['dtype']}) into {a.to_hf}, "
+            f"with {report[0]}")
     else:
       raise ConfigError("give either --from_hf=DIR --to=WORKDIR or --from=WORKDIR --to_hf=DIR")
   except ConfigError as e:

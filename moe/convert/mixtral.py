@@ -71,8 +71,9 @@ def mixtral_to_params(hf: dict, t: Tensors):
 
 
 def params_to_mixtral(model: dict, moe: dict | None, block, top: dict):
-  """Our params -> (HF config.json dict, {name: float32 array}). `block(i)` gives block i's
-  params (unscanned), `top` the non-block params. Raises ConfigError for what Mixtral lacks."""
+  """Our params -> (HF config.json dict, {name: array in the checkpoint's dtype, maybe a view}).
+  `block(i)` gives block i's params (unscanned), `top` the non-block params. Raises ConfigError
+  for what Mixtral lacks."""
   where = "--to_hf (Mixtral)"
   if moe is None or not moe.get("enabled", True):
     raise ConfigError(f"{where}: the model is dense; Mixtral has MoE blocks only")
@@ -115,7 +116,6 @@ def params_to_mixtral(model: dict, moe: dict | None, block, top: dict):
       out[f"{m}experts.{e}.w1.weight"] = ex["w_gate"][e].T
       out[f"{m}experts.{e}.w3.weight"] = ex["w_in"][e].T
       out[f"{m}experts.{e}.w2.weight"] = ex["w_out"][e].T
-  out = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
   config = {
       "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
       "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,

@@ -420,7 +420,8 @@ def _initial_params(cfg, s: Setup):
   checkpoint turned into this MoE model by `moe.train.upcycle` (`train.upcycle`)."""
   tc = cfg.train
   if tc.upcycle:
-    dense = ckpt_lib.load_params(tc.init_from)
+    dense = ckpt_lib.load_params(tc.init_from)  # as stored: an import may be bfloat16
+    dense = jax.tree.map(lambda x: x.astype("float32"), dense)
     new = upcycle.upcycle_params(dense, s.abstract["params"], cfg)
     return jax.device_put(new, s.shardings["params"])
   return ckpt_lib.load_params(tc.init_from, s.abstract["params"], where="train.init_from")

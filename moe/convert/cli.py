@@ -184,6 +184,16 @@ def save_checkpoint(workdir: str, params, moe_bias=None) -> str:
   return directory
 
 
+def _contiguous(tree: dict) -> None:
+  """Each array of `tree` made C-contiguous in place, one at a time (a transposed view and its
+  copy are both alive only for that tensor), so the checkpoint writer copies nothing more."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _contiguous(value)
+    else:
+      tree[key] = np.ascontiguousarray(value)
+
+
 def from_hf(folder: str, workdir: str) -> dict:
   """Imports a HF folder into `workdir`; returns the config.json written."""
   hf, tensors = read_hf_folder(folder)
@@ -191,6 +201,8 @@ def from_hf(folder: str, workdir: str) -> dict:
   t = layouts.Tensors(tensors, f"--from_hf={folder} ({arch})")
   model, moe, params, *bias = layouts.IMPORTERS[arch](hf, t)
   moe_bias = bias[0] if bias else {}
+  tensors.close()  # every tensor is read: unmap the files before the checkpoint is written
+  _contiguous(params)
   left = t.unused()
   if left:
     raise ConfigError(f"--from_hf={folder}: {len(left)} tensor(s) have no place in the "

@@ -76,6 +76,11 @@ class SafetensorsFiles(Mapping):
   def __contains__(self, name) -> bool:
     return name in self._where
 
+  def close(self) -> None:
+    """Drops the file handles (and their memory maps: the pages read so far count as resident
+    memory while they are mapped); arrays already read are copies and stay valid."""
+    self._handles = []
+
 
 class Tensors:
   """Name -> array in its stored dtype, with one-line errors naming a missing, misshapen or

@@ -212,8 +212,9 @@ def export_swiglu(p: dict, prefix: str) -> dict:
 
 
 def contiguous(tensors: dict) -> dict:
-  """Row-major copies for the safetensors writer (dtypes kept)."""
-  return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  """The tensors as they are (views included, dtypes kept): `moe.convert.tensors.write_safetensors`
+  makes each one row-major as it writes it, so the model is never copied whole."""
+  return dict(tensors)
 
 
 # ----------------------------------------------------------------------------- dense families

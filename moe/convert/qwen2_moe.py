@@ -231,7 +231,6 @@ def params_to_qwen2_moe(model: dict, moe: dict | None, block, top: dict):
       out[b + "mlp.gate_proj.weight"] = mlp["w_gate"].T
       out[b + "mlp.up_proj.weight"] = mlp["w_in"].T
       out[b + "mlp.down_proj.weight"] = mlp["w_out"].T
-  out = {k: np.ascontiguousarray(v) for k, v in out.items()}
   plain_step = first == interval - 1  # MoE at layers step-1, 2*step-1, ...: no list needed
   shared_width = moe["num_shared_experts"] * (moe.get("shared_expert_hidden")
                                               or moe["expert_hidden"])

@@ -13,8 +13,8 @@ must agree with it in those groups.
 Import reads a local folder (`config.json` + `*.safetensors`, opened with the `safetensors`
 package's `safe_open(path, "numpy")`: no PyTorch) one tensor at a time, in its stored dtype
 (`moe.convert.tensors`): a bfloat16 model stays bfloat16 in the checkpoint (training, evaluation
-and generation restore params as float32), and host memory holds the converted params plus the
-tensor being read. Export writes `model.safetensors` tensor by tensor in the checkpoint's dtype
+and generation restore params as float32), and host memory holds the converted params, the tensor
+being read and the checkpoint writer's buffers (measured in README.md). Export writes `model.safetensors` tensor by tensor in the checkpoint's dtype
 (`--dtype` casts). It writes into WORKDIR:
 
 - `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`,
@@ -88,7 +88,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 write_safetensors = tensors_lib.write_safetensors  # tensor by tensor, see moe.convert.tensors
 
-EXPORT_DTYPES = {"bfloat16": "bfloat16", "float32": "float32"}
+EXPORT_DTYPES = ("bfloat16", "float32")  # --dtype
 
 
 def read_hf_folder(folder: str) -> tuple[dict, tensors_lib.SafetensorsFiles]:
@@ -295,7 +295,7 @@ def to_hf(workdir: str, out_dir: str, cfg=None, dtype: str | None = None,
     kinds = {str(np.asarray(t).dtype) for t in tensors.values()}
     config["dtype"] = kinds.pop() if len(kinds) == 1 else config.get("dtype", "float32")
   write_safetensors(rundir.join(out_dir, "model.safetensors"), tensors, {"format": "pt"},
-                    dtype=EXPORT_DTYPES.get(dtype))
+                    dtype=dtype)
   write_json_atomic(rundir.join(out_dir, CONFIG_JSON), config, indent=1, default=None)
   return config
 

@@ -12,7 +12,8 @@ Export writes the run's tokenizer beside the model, so `transformers.AutoTokeniz
   `data.tokenizer`): its files, copied;
 - the byte tokenizer: `tokenizer.json` built by `moe.data.tokenizers.byte_tokenizer_json` (the
   same ids as `ByteTokenizer`, BOS prepended as in training);
-- SentencePiece: no tokenizer is written (reported in the command's output);
+- SentencePiece, or an import that came without a tokenizer.json: no tokenizer is written
+  (the command's output says so);
 plus a `tokenizer_config.json` when the source had none and a `generation_config.json`
 (bos / eos / pad ids, the ones config.json gets too).
 """
@@ -76,6 +77,8 @@ def export_tokenizer(workdir: str, run_config: dict, out_dir: str, config: dict)
       if rundir.exists(rundir.join(folder, name)):
         rundir.copy_file(rundir.join(folder, name), rundir.join(out_dir, name))
     what = f"its tokenizer ({folder})"
+  elif "source" in run_config:  # imported from a folder that had no tokenizer.json
+    return "no tokenizer (the imported model came without a tokenizer.json)"
   elif spec == "byte":
     tok = tokenizers.ByteTokenizer()
     rundir.write_text_atomic(rundir.join(out_dir, tokenizers.TOKENIZER_JSON),

@@ -226,7 +226,8 @@ class HfTokenizer:
     if isinstance(ours, dict):
       return {k: ours.get(k) for k in ("bos_id", "eos_id", "pad_id")}
     theirs = load("tokenizer_config.json") or {}
-    return {f"{k}_id": _token_id(self._tok, theirs.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
+    return {f"{k}_id": _token_id(self._tok, theirs.get(f"{k}_token"))
+            for k in ("bos", "eos", "pad")}
 
   def _bytes_table(self) -> np.ndarray:
     spec = json.loads(self.json_text)

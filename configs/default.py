@@ -110,7 +110,7 @@ def get_config():
   c.data.name = "pystdlib"  # pystdlib | pystdlib_test | textdir | any TFDS text dataset name
   c.data.text_dir = ""  # data.name=textdir: folder of text files
   c.data.tfds_data_dir = ""  # data folder ("" = $TFDS_DATA_DIR if set, else <workdir>/../.tfds)
-  c.data.tokenizer = "byte"  # byte | sentencepiece
+  c.data.tokenizer = "byte"  # byte | sentencepiece | hf:<tokenizer.json or its folder>
   c.data.sp_vocab_size = 2048  # sentencepiece vocabulary size
   c.data.seq_len = 256  # L, packed sequence length
   c.data.validation_fraction = 0.05  # share of files held out (stable by path hash)

@@ -136,7 +136,7 @@ ROWS = {
     "data.name": [""],
     "data.text_dir": [],
     "data.tfds_data_dir": [],
-    "data.tokenizer": ["bpe"],
+    "data.tokenizer": ["bpe", "hf:/nonexistent/tokenizer"],
     "data.sp_vocab_size": [0, 100, 2**21],
     "data.seq_len": [0, -1, 512],  # 512 > model.max_len=256
     "data.validation_fraction": [0.0, 1.0, -0.1],

@@ -292,8 +292,10 @@ def to_hf(workdir: str, out_dir: str, cfg=None, dtype: str | None = None,
   if dtype is not None:
     config["dtype"] = dtype
   else:
-    kinds = {str(np.asarray(t).dtype) for t in tensors.values()}
-    config["dtype"] = kinds.pop() if len(kinds) == 1 else config.get("dtype", "float32")
+    sizes = {}  # the dtype holding most of the weights (a float32 correction bias aside)
+    for t in tensors.values():
+      sizes[str(t.dtype)] = sizes.get(str(t.dtype), 0) + int(np.size(t))
+    config["dtype"] = max(sizes, key=sizes.get) if sizes else "float32"
   write_safetensors(rundir.join(out_dir, "model.safetensors"), tensors, {"format": "pt"},
                     dtype=dtype)
   write_json_atomic(rundir.join(out_dir, CONFIG_JSON), config, indent=1, default=None)

@@ -284,7 +284,6 @@ def _params_to_deepseek(model: dict, moe: dict | None, block, top: dict, version
       _export_mlp({k: v[e] for k, v in p["moe"]["experts"].items()}, f"{m}experts.{e}.", out)
     if moe.get("num_shared_experts", 0):
       _export_mlp(p["moe"]["shared"], m + "shared_experts.", out)
-  out = {k: np.ascontiguousarray(v) for k, v in out.items()}
   S = moe.get("num_shared_experts", 0) * (moe.get("shared_expert_hidden") or F) // F
   config = {
       "architectures": [f"DeepseekV{version}ForCausalLM"], "model_type": f"deepseek_v{version}",

@@ -84,3 +84,16 @@ def test_bad_hf_tokenizer_values_are_one_line_errors(tmp_path, texts):
   cfg = _text_cfg(tmp_path / "tfds", texts, tokenizer=f"hf:{folder}")
   with one_line_error("names no EOS token", "eos_token"):
     data_lib.make_data(cfg, workdir=str(tmp_path / "run"))
+
+
+def test_model_vocab_must_hold_the_hf_tokenizer(tmp_path):
+  """An imported model's explicit vocab_size against another, larger tokenizer: one line."""
+  from moe.model.config import check_vocab_size
+  folder = byte_level_bpe(str(tmp_path / "tok"), ["alpha beta gamma"] * 4, vocab_size=270)
+  tok = tok_lib.HfTokenizer(folder)
+  cfg = _cfg(tmp_path, tokenizer=f"hf:{folder}")
+  cfg.model.vocab_size = tok.vocab_size - 1
+  with one_line_error(f"model.vocab_size={tok.vocab_size - 1}", f"hf:{folder}"):
+    check_vocab_size(cfg, tok.vocab_size)
+  cfg.model.vocab_size = tok.vocab_size
+  check_vocab_size(cfg, tok.vocab_size)

@@ -185,8 +185,9 @@ class HfTokenizer:
   Special ids: `special_tokens.json` beside it (written by `python -m moe.convert`), else the
   bos/eos/pad tokens of a `tokenizer_config.json` beside it. `bytes_per_id`: 0 for special
   tokens, 1 for a byte-fallback piece `<0xNN>`, the token's length for byte-level BPE (one
-  character per byte), else the UTF-8 length of the piece with the Metaspace "▁" as a space
-  (exact for byte-level and SentencePiece-style vocabularies, approximate otherwise)."""
+  character per byte: exact), else the UTF-8 length of the piece with the Metaspace "▁" as a
+  space (SentencePiece-style: the space a text's first piece gets from the dummy prefix counts
+  one byte more than the text has; other vocabularies: approximate)."""
 
   name = "hf"
 

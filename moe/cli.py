@@ -29,6 +29,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from moe import rundir
 from moe import runconfig
 from moe.errors import ConfigError
 
@@ -120,13 +121,22 @@ class Prepared:
 
 def prepare_argv(argv: list[str], run_flag: str = "workdir") -> Prepared:
   """Takes out `--config.x=None` and, when there is no `--config` but `--<run_flag>` names a
-  directory with config.json, adds `--config=<moe/runconfig.py>:<that directory>`."""
+  directory with config.json, adds `--config=<moe/runconfig.py>:<that directory>` (for a
+  checkpoint converted by moe.convert: `--config=<that directory>/config.py`)."""
   nones = [m.group(1) for a in argv if (m := _NONE_OVERRIDE.match(a))]
   argv = [a for a in argv if not _NONE_OVERRIDE.match(a)]
   path, saved_from = flag_value(argv, "config"), None
   if path is None:
     run = flag_value(argv, run_flag)
-    if run and runconfig.saved(run) is not None:
+    saved = runconfig.saved(run) if run else None
+    if saved is not None and runconfig.CONVERTED_KEY in saved:
+      # A converted checkpoint's config.json has the model groups only; the converter wrote a
+      # whole config file beside it (moe.convert.cli), which is what this run means.
+      converted = rundir.join(run, runconfig.CONVERTED_CONFIG_PY)
+      if rundir.exists(converted):
+        path = converted
+        argv = argv[:1] + [f"--config={path}"] + argv[1:]
+    elif saved is not None:
       path, saved_from = f"{RUNCONFIG_FILE}:{run}", run
       argv = argv[:1] + [f"--config={path}"] + argv[1:]
   return Prepared(argv=argv, nones=nones, config=path, saved_from=saved_from)

@@ -51,6 +51,7 @@ RESUME_MAY_CHANGE = (
 EVAL_MAY_CHANGE = RESUME_MAY_CHANGE + ("moe.eval_capacity_factor", "train.batch_size")
 ARCHITECTURE_GROUPS = ("model", "moe")
 CONVERTED_KEY = "source"  # a converted checkpoint's config.json (moe.convert) has this group
+CONVERTED_CONFIG_PY = "config.py"  # and the whole config file moe.convert writes beside it
 
 
 def config_path(workdir: str) -> str:
@@ -100,7 +101,7 @@ def load(workdir: str):
                       "--config=<the config file the run was trained with>")
   if CONVERTED_KEY in d:
     raise ConfigError(f"{config_path(workdir)} holds only the model groups of a converted "
-                      f"checkpoint: pass --config={rundir.join(workdir, 'config.py')}")
+                      f"checkpoint: pass --config={rundir.join(workdir, CONVERTED_CONFIG_PY)}")
   cfg = _as_config(d)
   cfg.lock()
   return cfg

@@ -23,7 +23,8 @@ being read and the checkpoint writer's buffers (measured in README.md). Export w
   `launch.py --mode=complete --workdir=WORKDIR` and `--config.train.init_from=WORKDIR` load it;
 - `config.json`: the `model` and `moe` config groups that describe the architecture, plus where
   it came from; `config.py`: a config file for launch.py (configs/default.py with those groups),
-  used as `--config=WORKDIR/config.py`;
+  used as `--config=WORKDIR/config.py` (and taken by launch.py / export when `--workdir` /
+  `--from` names WORKDIR and no `--config` is given);
 - `hf_tokenizer/`: the folder's `tokenizer.json` (+ tokenizer_config.json etc.) and its special
   token ids when present (`moe.convert.tokenizer_files`); `config.py` then sets
   `data.tokenizer="hf:<that folder>"`, so fine-tuning tokenizes its data with it, and
@@ -68,7 +69,7 @@ from moe.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json_atomic
 from moe.train import checkpoint as ckpt_lib
 
 CONFIG_JSON = "config.json"  # a Hugging Face model folder's; our workdir's is CONFIG_FILE
-CONFIG_PY = "config.py"
+CONFIG_PY = runconfig.CONVERTED_CONFIG_PY
 
 
 # ----------------------------------------------------------------------------- safetensors

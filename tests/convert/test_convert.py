@@ -240,3 +240,15 @@ def test_complete_with_converted_mixtral_matches_hf_greedy(mixtral_dir, tmp_path
   out = io.StringIO()
   generate.main(cfg, work, prompt=prompt, max_new_tokens=3, temperature=0.0, out=out)
   assert out.getvalue().startswith(prompt)
+
+
+def test_converted_workdir_needs_no_config_flag(mixtral_dir, tmp_path):
+  """A converted checkpoint's config.json has only the model groups; export and launch.py take
+  the config.py the converter wrote beside it when no --config is given."""
+  hf_dir, _ = mixtral_dir
+  work, out = str(tmp_path / "ours"), str(tmp_path / "hf")
+  convert.from_hf(hf_dir, work)
+  p = cli_lib.prepare_argv(["launch.py", f"--workdir={work}", "--mode=complete"])
+  assert p.config == os.path.join(work, "config.py") and p.saved_from is None
+  assert convert.main(["convert", f"--from={work}", f"--to_hf={out}"]) == 0
+  assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "mixtral"

@@ -32,6 +32,17 @@ def get_config():
   c.model.norm_eps = 1e-6  # normalization epsilon
   c.model.positions = "rope"  # rope | learned (GPT-2)
   c.model.rope_theta = 10000.0  # rotary base
+  c.model.rope_type = "default"  # default | llama3 (Llama 3.1+) | yarn (DeepSeek, long Qwen)
+  c.model.rope_factor = 1.0  # llama3 / yarn: context extension factor (>= 1)
+  c.model.rope_original_max_len = config_dict.placeholder(int)  # llama3/yarn: None = max_len
+  c.model.rope_low_freq_factor = 1.0  # llama3: longer wavelengths than original/this: / factor
+  c.model.rope_high_freq_factor = 4.0  # llama3: shorter wavelengths than original/this: kept
+  c.model.rope_beta_fast = 32.0  # yarn: rotations where the ramp to interpolation starts
+  c.model.rope_beta_slow = 1.0  # yarn: rotations where the ramp ends
+  c.model.rope_truncate = True  # yarn: round the ramp's ends to whole features
+  c.model.rope_attention_factor = config_dict.placeholder(float)  # yarn: cos/sin scale; None = auto
+  c.model.rope_mscale = config_dict.placeholder(float)  # yarn: cos/sin scale numerator (DeepSeek)
+  c.model.rope_mscale_all_dim = config_dict.placeholder(float)  # yarn: denominator; MLA softmax too
   c.model.mlp_activation = "swiglu"  # dense FFN: swiglu | gelu
   c.model.attention_bias = False  # biases on attention and dense MLP projections (GPT-2)
   c.model.qkv_bias = False  # biases on q/k/v only (Qwen2)

@@ -47,7 +47,8 @@ BY_TYPE = {
 }
 # Fields where None is a setting (placeholders, or "from the tokenizer").
 OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap", "model.qk_norm",
-            "model.q_lora_rank",
+            "model.q_lora_rank", "model.rope_original_max_len", "model.rope_attention_factor",
+            "model.rope_mscale", "model.rope_mscale_all_dim",
             "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size",
             "moe.shared_expert_hidden"}
 FILL = "mesh.data=-1 cannot fill"  # a mesh axis too large for the 1 device the table assumes
@@ -70,6 +71,17 @@ ROWS = {
     "model.norm_eps": [0.0, -1.0],
     "model.positions": ["alibi"],
     "model.rope_theta": [0.0, -1.0],
+    "model.rope_type": ["linear", "dynamic", "YaRN"],
+    "model.rope_factor": [0.5, 0.0, -1.0],  # below 1: no extension
+    "model.rope_original_max_len": [0, -1, BIG],
+    "model.rope_low_freq_factor": [0.0, -1.0, 4.0],  # 4.0: not below rope_high_freq_factor
+    "model.rope_high_freq_factor": [0.0, -1.0, 1.0],  # 1.0: not above rope_low_freq_factor
+    "model.rope_beta_fast": [0.0, -1.0, 0.5],  # 0.5 < rope_beta_slow
+    "model.rope_beta_slow": [0.0, -1.0, 33.0],  # 33 > rope_beta_fast
+    "model.rope_truncate": [],
+    "model.rope_attention_factor": [0.0, -1.0],
+    "model.rope_mscale": [0.0, -1.0],
+    "model.rope_mscale_all_dim": [0.0, -1.0],
     "model.mlp_activation": ["relu"],
     "model.attention_bias": [],
     "model.qkv_bias": [],
@@ -156,8 +168,15 @@ COMBINATIONS = [
     ({"model.scan_layers": True, "model.moe_interval": 2}, "model.scan_layers"),
     ({"model.attention": "mla", "model.positions": "learned"}, "model.positions"),
     ({"model.attention": "mla", "model.qk_norm": "head"}, "model.qk_norm"),
+    ({"model.rope_factor": 8.0}, "model.rope_factor"),  # rope_type "default" reads no factor
+    ({"model.rope_type": "llama3", "model.rope_mscale": 1.0}, "model.rope_mscale"),
+    ({"model.rope_type": "yarn", "model.rope_low_freq_factor": 2.0}, "model.rope_low_freq_factor"),
+    ({"model.rope_type": "llama3", "model.positions": "learned"}, "model.positions"),
     ({"data.tokenizer": "sentencepiece", "data.sp_vocab_size": 300}, "data.sp_vocab_size"),
     ({"model.vocab_size": 259}, None),  # legal: exactly the byte tokenizer's ids
+    ({"model.rope_type": "yarn", "model.rope_factor": 4.0, "model.rope_original_max_len": 64,
+      "model.rope_mscale": 0.707, "model.rope_mscale_all_dim": 1.0}, None),
+    ({"model.rope_type": "llama3", "model.rope_factor": 8.0}, None),
     ({"model.vocab_size": 4096, "moe.capacity_factor": None, "model.sliding_window": 8}, None),
 ]
 

@@ -17,6 +17,12 @@ normalises each head's Dh values with one scale [Dh] shared by the heads (Qwen3)
 normalises all H*Dh query values of a token together (all N*Dh key values), scales [H, Dh] and
 [N, Dh] (OLMoE). Params `attn/q_norm/scale`, `attn/k_norm/scale`. The KV cache holds the
 normalised, rotated keys.
+
+Rotary positions (`model.positions="rope"`): `rope_frequencies` gives the inverse frequencies
+and the scale of cos/sin for `model.rope_type`: "default" (theta^(-2i/Dh)), "llama3" (Llama
+3.1's smooth division of the long wavelengths by rope_factor) or "yarn" (YaRN's ramp between
+interpolated and original frequencies, cos/sin times its attention factor), as Hugging Face's
+rope_parameters define them; the softmax scale stays Dh^-0.5 here (`softmax_scale` is MLA's).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe.model.config import ModelConfig
 
@@ -54,17 +61,89 @@ def kernel_init(fan_in_axes: tuple[int, ...] = (0,)):
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
-  """[Dh/2] float32 inverse frequencies theta^(-2i/Dh)."""
+  """[Dh/2] float32 inverse frequencies theta^(-2i/Dh) (unscaled rotary positions)."""
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _llama3_inv_freq(inv_K: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+  """Llama 3.1: wavelengths above original/low_freq_factor divided by factor, below
+  original/high_freq_factor kept, a smooth blend in between."""
+  old = cfg.rope_original_max_len or cfg.max_len
+  low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+  wavelen_K = 2 * math.pi / inv_K
+  scaled_K = np.where(wavelen_K > old / low, inv_K / factor, inv_K)
+  smooth_K = (old / wavelen_K - low) / (high - low)
+  smoothed_K = (1 - smooth_K) * scaled_K / factor + smooth_K * scaled_K
+  medium_K = ~(wavelen_K < old / high) & ~(wavelen_K > old / low)
+  return np.where(medium_K, smoothed_K, scaled_K)
+
+
+def _yarn_inv_freq(inv_K: np.ndarray, dim: int, cfg: ModelConfig) -> np.ndarray:
+  """YaRN: features rotating more than beta_fast times over the original length keep their
+  frequency, those under beta_slow times are interpolated (divided by factor), a linear ramp
+  between."""
+  old = cfg.rope_original_max_len or cfg.max_len
+
+  def correction_dim(rotations):
+    return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # as transformers: no division by zero
+  ramp_K = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+  keep_K = 1 - ramp_K  # weight of the unscaled (extrapolated) frequency
+  return inv_K / cfg.rope_factor * (1 - keep_K) + inv_K * keep_K
+
+
+def rope_frequencies(cfg: ModelConfig, dim: int) -> tuple[jax.Array, float]:
+  """([dim/2] float32 inverse frequencies, scale of cos and sin) for `dim` rotated features, as
+  `model.rope_type` says (the formulas of transformers' modeling_rope_utils): "default" is
+  theta^(-2i/dim) and scale 1; "llama3" and "yarn" rescale the frequencies (computed in float64
+  from the static config, then float32), and "yarn" scales cos and sin by its attention factor
+  (rope_attention_factor, else mscale(factor, rope_mscale) / mscale(factor, rope_mscale_all_dim)
+  when both are set, else mscale(factor))."""
+  if cfg.rope_type == "default":
+    return rope_inv_freq(dim, cfg.rope_theta), 1.0
+  inv_K = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  if cfg.rope_type == "llama3":
+    return jnp.asarray(_llama3_inv_freq(inv_K, cfg), jnp.float32), 1.0
+  scale = cfg.rope_attention_factor
+  if scale is None:
+    f = cfg.rope_factor
+    scale = (yarn_mscale(f, cfg.rope_mscale) / yarn_mscale(f, cfg.rope_mscale_all_dim)
+             if cfg.rope_mscale and cfg.rope_mscale_all_dim else yarn_mscale(f))
+  return jnp.asarray(_yarn_inv_freq(inv_K, dim, cfg), jnp.float32), float(scale)
+
+
+def softmax_scale(cfg: ModelConfig, dim: int) -> float:
+  """The attention logits' scale for query/key width `dim`: dim^-0.5. Multi-latent attention
+  (DeepSeek) with a scaled rope_type and rope_mscale_all_dim multiplies it by
+  mscale(factor, rope_mscale_all_dim)^2, as transformers' DeepSeek-V2/V3 do (its callers decide;
+  Llama/Qwen attention does not)."""
+  scale = dim ** -0.5
+  if cfg.rope_type != "default" and cfg.rope_mscale_all_dim:
+    scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+  return scale
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq_K: jax.Array,
+               scale: float = 1.0) -> jax.Array:
   """Rotary embedding, "rotate half" layout (first half of the head rotates with the second half,
-  the layout of Hugging Face Llama/Mixtral checkpoints). Computed in float32."""
-  head_dim = x_BLHK.shape[-1]
-  angles_BLK = positions_BL.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+  the layout of Hugging Face Llama/Mixtral checkpoints), with inverse frequencies [Dh/2] and cos
+  and sin multiplied by `scale` (see rope_frequencies). Computed in float32."""
+  angles_BLK = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K
   sin = jnp.sin(angles_BLK)[:, :, None, :]
   cos = jnp.cos(angles_BLK)[:, :, None, :]
+  if scale != 1.0:
+    sin, cos = sin * scale, cos * scale
   x = x_BLHK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -156,8 +235,9 @@ class Attention(nn.Module):
       q = QkNorm(cfg.qk_norm, cfg.norm_eps, "heads", name="q_norm")(q)
       k = QkNorm(cfg.qk_norm, cfg.norm_eps, "kv_heads", name="k_norm")(k)
     if cfg.positions == "rope":
-      q = apply_rope(q, positions_BL, cfg.rope_theta)
-      k = apply_rope(k, positions_BL, cfg.rope_theta)
+      inv_freq_K, rope_scale = rope_frequencies(cfg, Dh)
+      q = apply_rope(q, positions_BL, inv_freq_K, rope_scale)
+      k = apply_rope(k, positions_BL, inv_freq_K, rope_scale)
 
     q_index_L = jnp.arange(L, dtype=jnp.int32)
     k_index_S, k_segment_BS = q_index_L, segment_ids_BL

@@ -44,6 +44,19 @@ class ModelConfig:
   norm_eps: float = 1e-6
   positions: str = "rope"  # "rope" | "learned"
   rope_theta: float = 10000.0
+  # Scaled rotary frequencies (Hugging Face's rope_parameters; moe/model/attention.py):
+  # "default" | "llama3" (Llama 3.1+) | "yarn" (DeepSeek-V2/V3, long-context Qwen).
+  rope_type: str = "default"
+  rope_factor: float = 1.0  # llama3 / yarn: context extension factor (>= 1)
+  rope_original_max_len: int | None = None  # llama3 / yarn: pretraining length; None = max_len
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths past original/this are divided by factor
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/this are kept
+  rope_beta_fast: float = 32.0  # yarn: rotations where the ramp to interpolation starts
+  rope_beta_slow: float = 1.0  # yarn: rotations where it ends
+  rope_truncate: bool = True  # yarn: round the ramp's ends to whole features
+  rope_attention_factor: float | None = None  # yarn: cos/sin scale; None = from the mscales
+  rope_mscale: float | None = None  # yarn: with rope_mscale_all_dim, the cos/sin scale's numerator
+  rope_mscale_all_dim: float | None = None  # yarn: its denominator; MLA's softmax scale too
   mlp_activation: str = "swiglu"  # dense FFN: "swiglu" | "gelu"
   attention_bias: bool = False  # biases on q/k/v/o and dense MLP projections
   qkv_bias: bool = False  # biases on q/k/v only (Qwen2); attention_bias adds them anyway
@@ -126,6 +139,7 @@ def validate_model(mc: ModelConfig) -> None:
     check_bool(f"model.{f}", getattr(mc, f))
   check_number("model.norm_eps", mc.norm_eps, 0.0, math.inf, low_open=True)
   check_number("model.rope_theta", mc.rope_theta, 0.0, math.inf, low_open=True)
+  _validate_rope(mc)
   check_positive("model.logits_soft_cap", mc.logits_soft_cap, allow_none=True)
   check_choice("model.dtype", mc.dtype, DTYPES)
   check_choice("model.norm", mc.norm, ("rms", "layer"))
@@ -143,6 +157,45 @@ def validate_model(mc: ModelConfig) -> None:
   _validate_mla(mc)
   if mc.moe is not None:
     validate_moe(mc.moe, causal=True)
+
+
+# The scaled-rotary fields each rope_type reads, and their defaults (a field another type reads
+# must keep its default, so that no setting is silently ignored).
+ROPE_TYPE_FIELDS = {"default": (), "llama3": ("rope_factor", "rope_original_max_len",
+                                              "rope_low_freq_factor", "rope_high_freq_factor"),
+                    "yarn": ("rope_factor", "rope_original_max_len", "rope_beta_fast",
+                             "rope_beta_slow", "rope_truncate", "rope_attention_factor",
+                             "rope_mscale", "rope_mscale_all_dim")}
+
+
+def _validate_rope(mc: ModelConfig) -> None:
+  """The scaled-rotary fields: each in its range, and only those `model.rope_type` reads set."""
+  check_choice("model.rope_type", mc.rope_type, tuple(ROPE_TYPE_FIELDS))
+  check_number("model.rope_factor", mc.rope_factor, 1.0, math.inf)
+  check_int("model.rope_original_max_len", mc.rope_original_max_len, 1, high=INT32_MAX,
+            allow_none=True)
+  for f in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow"):
+    check_positive(f"model.{f}", getattr(mc, f))
+  for f in ("rope_attention_factor", "rope_mscale", "rope_mscale_all_dim"):
+    check_positive(f"model.{f}", getattr(mc, f), allow_none=True)
+  check_bool("model.rope_truncate", mc.rope_truncate)
+  if mc.rope_high_freq_factor <= mc.rope_low_freq_factor:
+    raise ConfigError(f"model.rope_high_freq_factor ({mc.rope_high_freq_factor}) must be > "
+                      f"model.rope_low_freq_factor ({mc.rope_low_freq_factor})")
+  if mc.rope_beta_fast < mc.rope_beta_slow:
+    raise ConfigError(f"model.rope_beta_fast ({mc.rope_beta_fast}) must be >= "
+                      f"model.rope_beta_slow ({mc.rope_beta_slow})")
+  if mc.rope_type != "default" and mc.positions != "rope":
+    raise ConfigError(f"model.rope_type={mc.rope_type!r} needs model.positions='rope', got "
+                      f"{mc.positions!r}")
+  used = ROPE_TYPE_FIELDS[mc.rope_type]
+  for f in sorted({f for fs in ROPE_TYPE_FIELDS.values() for f in fs} - set(used)):
+    default = ModelConfig.__dataclass_fields__[f].default
+    if getattr(mc, f) != default:
+      readers = [t for t, fs in ROPE_TYPE_FIELDS.items() if f in fs]
+      raise ConfigError(f"model.{f}={getattr(mc, f)!r} applies to model.rope_type "
+                        f"{' / '.join(map(repr, readers))} only (got {mc.rope_type!r}); leave it "
+                        f"at {default!r}")
 
 
 def _validate_mla(mc: ModelConfig) -> None:

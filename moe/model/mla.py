@@ -12,8 +12,12 @@ Dv (V) = v_head_dim.
     rope key  kr = rope(x Wkr + bkr)         [B, L, Dr]   one per token, shared by every head
     keys      k_h = [c Wkb_h, kr]            [B, S, H, Dn + Dr]
     values    v_h = c Wvb_h                  [B, S, H, Dv]
-    scores    (q_nope . k_nope + q_rope . kr) * (Dn + Dr)^-0.5, masked, softmax (float32)
+    scores    (q_nope . k_nope + q_rope . kr) * s, masked, softmax (float32)
     output    y = concat_h(softmax v_h) Wo (+ bo)                 [B, L, D]
+
+with s = (Dn + Dr)^-0.5, times mscale(rope_factor, rope_mscale_all_dim)^2 with
+`model.rope_type="yarn"` and rope_mscale_all_dim set (DeepSeek's YaRN checkpoints; see
+`moe.model.attention.softmax_scale`).
 
 rope is the "rotate half" rotary embedding of `moe.model.attention.apply_rope` over the last Dr
 features of each query head and over kr. With `rope_interleave` the Dr features are rotated as
@@ -43,7 +47,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.model.attention import apply_rope, attention_mask, kernel_init, project
+from moe.model.attention import (apply_rope, attention_mask, kernel_init, project,
+                                 rope_frequencies, softmax_scale)
 from moe.model.config import ModelConfig
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm
@@ -59,7 +64,8 @@ def rotate(x_BLHK, positions_BL, cfg: ModelConfig):
   """The rotary embedding of MLA's rope features (see the module docstring)."""
   if cfg.rope_interleave:
     x_BLHK = deinterleave(x_BLHK)
-  return apply_rope(x_BLHK, positions_BL, cfg.rope_theta)
+  inv_freq_K, scale = rope_frequencies(cfg, x_BLHK.shape[-1])
+  return apply_rope(x_BLHK, positions_BL, inv_freq_K, scale)
 
 
 def latent_attention(q_nope_BLHN, q_rope_BLHP, k_nope_BSHN, k_rope_BSP, v_BSHV, mask_BLS, scale):
@@ -161,7 +167,7 @@ class LatentAttention(nn.Module):
     mask_BLS = attention_mask(q_index_L, k_index_S, segment_ids_BL, k_segment_BS,
                               cfg.sliding_window)
     out_BLHV = latent_attention(q_nope_BLHN, q_rope_BLHP, k_nope_BSHN, k_rope_BLP, v_BSHV,
-                                mask_BLS, (Dn + Dr) ** -0.5)
+                                mask_BLS, softmax_scale(cfg, Dn + Dr))
     out_BLHV = nn.with_logical_constraint(out_BLHV, ("batch", "length", "act_heads", None))
     y_BLD = project(out_BLHV, self._kernel("o_kernel", (H, Dv, D), ("heads", "head_dim", "embed"),
                                            (0, 1)), 2)

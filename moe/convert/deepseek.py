@@ -31,20 +31,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.convert.rope import rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
 
 _LINEAR_MLP = (("w_gate", "gate_proj"), ("w_in", "up_proj"))
-
-
-def _rope_theta(hf: dict, where: str) -> float:
-  rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  if isinstance(rp, dict) and rp.get("rope_type", rp.get("type", "default")) not in ("default",
-                                                                                     None):
-    raise ConfigError(f"{where}: rope_type={rp.get('rope_type', rp.get('type'))!r} is not "
-                      "supported (only 'default' rotary embeddings; no YaRN scaling or mscale)")
-  theta = rp.get("rope_theta") if isinstance(rp, dict) else None
-  return float(theta if theta is not None else hf.get("rope_theta", 10000.0))
 
 
 def _mlp(t: Tensors, prefix: str, D: int, F: int) -> dict:
@@ -103,7 +94,7 @@ def _common(hf: dict, where: str) -> dict:
       d_ff=_need(hf, "intermediate_size", where),
       max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
-      rope_theta=_rope_theta(hf, where), mlp_activation="swiglu", attention_bias=False,
+      **rope_fields(hf, where), mlp_activation="swiglu", attention_bias=False,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), sliding_window=None,
       attention="mla", q_lora_rank=hf.get("q_lora_rank"),
       kv_lora_rank=_need(hf, "kv_lora_rank", where),
@@ -298,8 +289,7 @@ def _params_to_deepseek(model: dict, moe: dict | None, block, top: dict, version
       "v_head_dim": model["v_head_dim"], "first_k_dense_replace": first,
       "norm_topk_prob": bool(moe.get("renormalize", True)), "hidden_act": "silu",
       "max_position_embeddings": model["max_len"], "rms_norm_eps": model["norm_eps"],
-      "rope_theta": model["rope_theta"],
-      "rope_parameters": {"rope_theta": model["rope_theta"], "rope_type": "default"},
+      **rope_config(model),
       "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False,
       "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
   }

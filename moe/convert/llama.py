@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.convert.rope import rope_config, rope_fields
 from moe.convert.tensors import Tensors, need
 from moe.errors import ConfigError
 
@@ -27,18 +28,6 @@ DENSE_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
 
 
 # ----------------------------------------------------------------------------- config fields
-
-
-def rope_theta(hf: dict, where: str) -> float:
-  """The rotary base; any rope_type other than "default" (scaled variants) is refused."""
-  rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  if not isinstance(rp, dict):
-    rp = {}
-  kind = rp.get("rope_type", rp.get("type", "default"))
-  if kind not in ("default", None):
-    raise ConfigError(f"{where}: rope_type={kind!r} is not supported (only 'default' rotary "
-                      "embeddings)")
-  return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def sliding_window(hf: dict, where: str) -> int | None:
@@ -80,22 +69,21 @@ def shape_fields(hf: dict, where: str) -> dict:
               d_ff=need(hf, "intermediate_size", where),
               max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
-              rope_theta=rope_theta(hf, where), mlp_activation="swiglu",
+              **rope_fields(hf, where), mlp_activation="swiglu",
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)), logits_soft_cap=None,
               attention_bias=False, qkv_bias=False, qk_norm=None, sliding_window=None)
 
 
 def shape_config(model: dict) -> dict:
   """The Hugging Face config.json entries `shape_fields` reads back."""
-  theta = model["rope_theta"]
   return {"vocab_size": model["vocab_size"], "hidden_size": model["d_model"],
           "intermediate_size": model["d_ff"], "num_hidden_layers": model["num_layers"],
           "num_attention_heads": model["num_heads"], "num_key_value_heads": model["num_kv_heads"],
           "head_dim": model["head_dim"], "hidden_act": "silu",
           "max_position_embeddings": model["max_len"], "rms_norm_eps": model["norm_eps"],
-          "rope_theta": theta, "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
-          "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_dropout": 0.0,
-          "initializer_range": 0.02, "use_cache": True, "dtype": "float32"}
+          **rope_config(model), "tie_word_embeddings": bool(model["tie_embeddings"]),
+          "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+          "dtype": "float32"}
 
 
 def refuse_unless(where: str, target: str, checks) -> None:

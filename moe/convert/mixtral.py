@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.convert.rope import rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
-
-
-def _rope_theta(hf: dict) -> float:
-  rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  if isinstance(rp, dict) and rp.get("rope_type", "default") not in ("default", None):
-    raise ConfigError(f"Mixtral rope_type={rp.get('rope_type')!r} is not supported (only "
-                      "'default' rotary embeddings)")
-  return float(rp.get("rope_theta", hf.get("rope_theta", 1e6)) if isinstance(rp, dict)
-               else hf.get("rope_theta", 1e6))
 
 
 def mixtral_to_params(hf: dict, t: Tensors):
@@ -58,7 +50,7 @@ def mixtral_to_params(hf: dict, t: Tensors):
   model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
                d_ff=F, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
                norm_eps=float(hf.get("rms_norm_eps", 1e-5)), positions="rope",
-               rope_theta=_rope_theta(hf), mlp_activation="swiglu", attention_bias=False,
+               **rope_fields(hf, where, 1e6), mlp_activation="swiglu", attention_bias=False,
                tie_embeddings=tied, sliding_window=hf.get("sliding_window"),
                moe_interval=1, first_moe_layer=0)
   moe = dict(enabled=True, num_experts=E, num_selected=K, expert_hidden=F, capacity_factor=None,
@@ -121,8 +113,7 @@ def params_to_mixtral(model: dict, moe: dict | None, block, top: dict):
       "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,
       "num_attention_heads": H, "num_key_value_heads": N, "head_dim": Dh, "hidden_act": "silu",
       "max_position_embeddings": model["max_len"], "rms_norm_eps": model["norm_eps"],
-      "rope_theta": model["rope_theta"],
-      "rope_parameters": {"rope_theta": model["rope_theta"], "rope_type": "default"},
+      **rope_config(model),
       "sliding_window": model.get("sliding_window"), "num_local_experts": E,
       "num_experts_per_tok": K, "tie_word_embeddings": bool(model["tie_embeddings"]),
       "router_aux_loss_coef": float(moe.get("load_balance_weight", 1e-2)),

@@ -28,20 +28,11 @@ import dataclasses
 
 import numpy as np
 
+from moe.convert.rope import ROPE_FIELDS, rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig
-
-
-def _rope_theta(hf: dict, where: str) -> float:
-  rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  if not isinstance(rp, dict):
-    rp = {}
-  if rp.get("rope_type", "default") not in ("default", None):
-    raise ConfigError(f"{where}: rope_type={rp.get('rope_type')!r} is not supported (only "
-                      "'default' rotary embeddings)")
-  return float(rp.get("rope_theta", hf.get("rope_theta", 1e6)))
 
 
 def sparse_layers(hf: dict, num_layers: int) -> list[int]:
@@ -134,7 +125,7 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
   model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
                d_ff=Fd, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
-               rope_theta=_rope_theta(hf, where), mlp_activation="swiglu",
+               **rope_fields(hf, where, 1e6), mlp_activation="swiglu",
                attention_bias=False, qkv_bias=qkv_bias, tie_embeddings=tied,
                sliding_window=None, moe_interval=interval, first_moe_layer=first)
   if not sparse:
@@ -154,7 +145,8 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
 # Fields the export maps (or that only affect training); any other field must keep its default.
 _MODEL_MAPPED = {"vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "d_ff", "max_len", "moe", "moe_interval", "first_moe_layer", "dtype",
-                 "scan_layers", "remat", "norm_eps", "rope_theta", "qkv_bias", "tie_embeddings"}
+                 "scan_layers", "remat", "norm_eps", "rope_theta", "qkv_bias", "tie_embeddings",
+                 *ROPE_FIELDS}
 _MOE_MAPPED = {"num_experts", "num_selected", "expert_hidden", "capacity_factor",
                "eval_capacity_factor", "min_capacity", "group_size", "priority",
                "allow_noncausal_routing", "jitter_eps", "renormalize", "num_shared_experts",
@@ -241,7 +233,7 @@ def params_to_qwen2_moe(model: dict, moe: dict | None, block, top: dict):
       "shared_expert_intermediate_size": shared_width, "num_hidden_layers": L,
       "num_attention_heads": H, "num_key_value_heads": N, "head_dim": Dh, "hidden_act": "silu",
       "max_position_embeddings": model["max_len"], "rms_norm_eps": model["norm_eps"],
-      "rope_parameters": {"rope_theta": model["rope_theta"], "rope_type": "default"},
+      **rope_config(model),
       "use_sliding_window": False, "decoder_sparse_step": interval if plain_step else 1,
       "mlp_only_layers": [] if plain_step else [i for i in range(L) if i not in sparse],
       "num_experts": moe["num_experts"], "num_experts_per_tok": moe["num_selected"],

@@ -153,13 +153,53 @@ def test_deepseek_v2_logits_match_and_round_trip(method, tmp_path):
                     toks, ref)
 
 
+# YaRN as DeepSeek's checkpoints set it (V3: mscale = mscale_all_dim = 1.0 and factor 40;
+# V2: 0.707 both), with a small original length so that the scaled frequencies matter at the
+# positions compared, and mscale != mscale_all_dim so that the cos/sin factor is not 1.
+YARN = {"rope_theta": 500.0, "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_yarn_with_mscale_logits_match_and_round_trip(version, tmp_path):
+  """The scaled frequencies, the cos/sin factor and mscale_all_dim's softmax scale of MLA match
+  transformers (without the mscales the logits move past the tolerance); the export loads with
+  the same logits, tensors and rope_parameters."""
+  if version == 3:
+    model = v3_model(seed=4, rope_parameters=dict(YARN))
+  else:
+    torch.manual_seed(4)
+    model = perturb(transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**dict(
+        SMALL, q_lora_rank=None, n_shared_experts=1, first_k_dense_replace=1,
+        rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707)))).eval())
+  d, work = str(tmp_path / "hf"), str(tmp_path / "ours")
+  model.save_pretrained(d)
+  spec = convert.from_hf(d, work)
+  m = spec["model"]
+  assert m["rope_type"] == "yarn" and m["rope_factor"] == 4.0 and m["rope_original_max_len"] == 8
+  assert m["rope_mscale_all_dim"] == (1.0 if version == 3 else 0.707)
+  toks = tokens(seed=5)
+  ref = hf_logits(model, toks)
+  assert rel_err(our_logits(work, toks), ref) < 1e-4
+  mc = model_config_from(ml_collections.ConfigDict({"model": m, "moe": spec["moe"]}))
+  bias = convert._load_moe_bias(work) if version == 3 else {}
+  unscaled = apply(dataclasses.replace(mc, rope_mscale_all_dim=None, rope_mscale=None),
+                   {"params": ckpt_lib.load_params(work), **({"moe_bias": bias} if bias else {})},
+                   toks)
+  assert rel_err(unscaled, ref) > 1e-3
+  cls = transformers.DeepseekV3ForCausalLM if version == 3 else transformers.DeepseekV2ForCausalLM
+  assert_round_trip(work, str(tmp_path / "out"), model, cls, toks, ref)
+  back = transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).rope_parameters
+  assert back == model.config.rope_parameters
+
+
 def test_rope_scaling_and_fp8_refused(tmp_path):
   model = v3_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0,
-                   rope_parameters={"rope_theta": 500.0, "rope_type": "yarn", "factor": 4.0,
-                                    "original_max_position_embeddings": 16})
+                   rope_parameters={"rope_theta": 500.0, "rope_type": "dynamic", "factor": 4.0})
   d = str(tmp_path / "hf")
   model.save_pretrained(d)
-  with one_line_error("rope_type='yarn'"):
+  with one_line_error("rope_type='dynamic'", "'yarn'"):
     convert.from_hf(d, str(tmp_path / "w"))
   # DeepSeek-V3's own fp8 checkpoints: refused in one line, not a list of unused scale tensors.
   model = v3_model(seed=1, num_hidden_layers=1, first_k_dense_replace=0)

@@ -54,6 +54,24 @@ def test_qwen3_moe_dense_first_block_logits_match_and_round_trip(tmp_path):
   assert export_is_bit_equal(hf_dir, work, tmp_path)["model_type"] == "qwen3_moe"
 
 
+@pytest.mark.parametrize("make, rope", [
+    (qwen3_moe, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                 "mscale": 1.0, "mscale_all_dim": 0.5}),
+    (olmoe, {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+], ids=["qwen3_moe_yarn", "olmoe_llama3"])
+def test_scaled_rope_logits_match_and_round_trip(make, rope, tmp_path):
+  """The MoE families read and write scaled rotary settings through the same parser (yarn's
+  mscales here only scale cos/sin: no softmax factor outside MLA, as transformers)."""
+  torch.manual_seed(6)
+  model = perturbed(make(rope_parameters={"rope_theta": 500.0, **rope}), seed=6)
+  hf_dir, work, spec = import_and_compare(model, tmp_path)
+  assert spec["model"]["rope_type"] == rope["rope_type"]
+  got, want = export_is_bit_equal(hf_dir, work, tmp_path)["rope_parameters"], \
+      model.config.rope_parameters
+  assert {k: got.get(k) for k in want} == want
+
+
 def test_qwen3_moe_sparse_step(tmp_path):
   torch.manual_seed(2)
   model = perturbed(qwen3_moe(num_hidden_layers=4, decoder_sparse_step=2), seed=2)

@@ -2,7 +2,8 @@
 cos/sin scale equal transformers' own functions; MLA's softmax scale takes YaRN's
 mscale_all_dim as DeepSeek's attention does; the KV cache still decodes as the full forward;
 the scaling changes the function; the fields are refused in one line when wrong.
-(Logit parity with whole transformers models: tests/convert/test_rope_parity.py.)"""
+(Logit parity with whole transformers models: tests/convert/test_llama.py, test_olmoe.py,
+test_deepseek.py.)"""
 
 from __future__ import annotations
 

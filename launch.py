@@ -37,6 +37,9 @@ mistake (nothing compiled), out of memory (naming the batch and model sizes), an
 holding the workdir, a failed checkpoint save (e.g. a full disk; the previous checkpoint stays
 usable), or no intact checkpoint left. 3 the loss diverged (summary.json says "diverged").
 Anything else is a crash with its traceback.
+
+Run as a program, it first tells glibc's malloc to keep freed memory (`moe.allocator`: XLA:CPU
+allocates its large buffers afresh every step); `MOE_SYSTEM_MALLOC=1` keeps the defaults.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ import tempfile
 
 # TensorFlow's C++ INFO/WARNING lines off (set before the first TF import: clu, TFDS).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # before JAX allocates: the trainer's (and benchmarks') malloc setting
+  from moe import allocator  # standard library only; MOE_SYSTEM_MALLOC=1 keeps glibc's defaults
+  allocator.apply()
 
 from absl import app
 from absl import flags

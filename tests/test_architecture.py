@@ -22,7 +22,8 @@ from conftest import REPO
 PACKAGE = "moe"
 LAYER = "moe.layer"
 LAYER_SHARED = ("moe.errors", "moe.sharding", "moe.trees")
-SHARED = ("moe.errors", "moe.sharding", "moe.trees", "moe.rundir", "moe.distributed")
+SHARED = ("moe.errors", "moe.sharding", "moe.trees", "moe.rundir", "moe.distributed",
+          "moe.allocator")
 
 
 def find_modules(root: str, package: str = PACKAGE) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """What the benchmark scripts share: the repository root, rewriting one section of BENCHMARKS.md,
-and the machine / versions / load / command metadata each section starts with.
+the machine / versions / load / command metadata each section starts with, the process's
+allocator setting (`apply_allocator`), and interleaved timing (`race`, `summary`).
 
 Standard library only, and nothing here imports JAX at module level: bench_sharding.py must set
-XLA_FLAGS before JAX starts, and bench_moe_layer.py may re-execute itself before importing it.
+XLA_FLAGS before JAX starts, and the malloc setting must be made before JAX allocates.
 The scripts run as `python experiments/<script>.py`, so this folder is on sys.path.
 """
 
@@ -12,9 +13,48 @@ import importlib
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def apply_allocator() -> str:
+  """The training run's malloc setting for this process (`moe.allocator`, as launch.py applies
+  it; call before importing JAX); returns its one-line description for the section header."""
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  from moe import allocator  # pylint: disable=import-outside-toplevel
+  return allocator.apply().describe()
+
+
+def timed(fn):
+  """(wall seconds, CPU seconds of this process) of one call, results ready."""
+  w0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - w0, time.process_time() - c0
+
+
+def race(fns: dict, repeats: int, warmup: int = 1):
+  """Runs the callables in turn `repeats` times after `warmup` rounds; {name: [(wall, cpu)]}."""
+  for _ in range(warmup):
+    for f in fns.values():
+      f()
+  out = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, f in fns.items():
+      out[name].append(timed(f))
+  return out
+
+
+def summary(moe_times, dense_times):
+  """Median wall ms of each side, median per-pair wall ratio and CPU-time ratio."""
+  wall_ratio = statistics.median(m[0] / d[0] for m, d in zip(moe_times, dense_times))
+  cpu_ratio = statistics.median(m[1] / d[1] for m, d in zip(moe_times, dense_times))
+  return {"moe_ms": 1e3 * statistics.median(m[0] for m in moe_times),
+          "dense_ms": 1e3 * statistics.median(d[0] for d in dense_times),
+          "ratio": wall_ratio, "cpu_ratio": cpu_ratio}
 
 
 def write_section(path: str, heading: str, text: str) -> None:

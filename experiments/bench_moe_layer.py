@@ -2,21 +2,22 @@
 same active FLOPs (hidden width K*F), per dispatch strategy, plus the Hugging Face Mixtral sparse
 MoE block vs a PyTorch dense FFN when torch and transformers are importable.
 
-    python experiments/bench_moe_layer.py            # full run (~15 min on the 2-core machine)
-    python experiments/bench_moe_layer.py --quick    # small shapes, smoke test
+    python experiments/bench_moe_layer.py            # full run (~30 min on the 2-core machine)
+    python experiments/bench_moe_layer.py --smoke    # tiny shapes; writes nothing without --output
 
 Each measurement is jit(value_and_grad(sum of output)) w.r.t. the input and all weights, f32, CPU,
 block_until_ready; after a warm-up, MoE and dense calls alternate and every ratio is the median
 of the per-pair ratios, so that load from other processes on a shared machine hits both sides
-alike. Wall time is the headline; CPU time of this process is reported beside it as a check that
-is less sensitive to other processes. The MoE time includes the router, the routing and the
+alike. Wall time is the headline; the CPU time of the process that ran the row is reported beside
+it as a check that is less sensitive to other processes. The MoE time includes the router, the routing and the
 layer's metrics (the whole `moe.layer.modules.MoeLayer`).
 
-Large [E, D, F] gradient buffers are freshly allocated on every call; with glibc's defaults each
-such buffer is mmap'ed and page-faulted in again every step, which costs more than the matmuls
-at E=256. The script therefore re-executes itself with glibc told to keep freed memory
-(MALLOC_MMAP_MAX_=0 etc., the same for the JAX and PyTorch and dense and MoE runs) unless
---system-malloc is given. The results go to the "MoE layer microbenchmark" section of
+Conditions: the JAX rows run in this process under exactly a training run's conditions: before
+JAX is imported it applies `moe.allocator` as launch.py does (glibc's malloc keeps freed memory;
+`MOE_SYSTEM_MALLOC=1` keeps the defaults, for the trainer and this script alike). Each PyTorch
+row runs in its own process (experiments/bench_moe_torch.py) under PyTorch's own defaults: no
+MALLOC_* variables, no mallopt, PyTorch's default allocator, os.cpu_count() threads. The header of
+the section records both. The results go to the "MoE layer microbenchmark" section of
 BENCHMARKS.md (only that section is rewritten).
 """
 
@@ -25,44 +26,42 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import importlib.util
 import os
-import statistics
+import subprocess
 import sys
 import time
 
-from bench_common import ROOT, command_line, loadavg, machine, versions, write_section
+from bench_common import (ROOT, apply_allocator, command_line, loadavg, machine, race, summary,
+                          versions, write_section)
 
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
-              "MALLOC_TOP_PAD_": "1000000000"}
 SECTION = "## MoE layer microbenchmark"
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="tiny shapes and repeats: a smoke run")
+  p.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
+                 help="tiny shapes and repeats: a smoke run (writes BENCHMARKS.md only when "
+                 "--output is given)")
   p.add_argument("--repeats", type=int, default=None, help="timed pairs per entry (default 5)")
   p.add_argument("--no-torch", action="store_true", help="skip the Hugging Face Mixtral rows")
   p.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
   p.add_argument("--experts", default=None,
                  help="comma-separated E values of the ratio table (default 8,64,256; '' = none)")
-  p.add_argument("--system-malloc", action="store_true", help="keep glibc's malloc defaults")
-  p.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"),
-                 help="markdown file whose section is rewritten ('' to skip)")
+  p.add_argument("--output", default=None,
+                 help="markdown file whose section is rewritten ('' to skip; default "
+                 "BENCHMARKS.md, none with --smoke)")
   p.add_argument("--save-json", default="", help="also write the raw results to this file")
   p.add_argument("--from-json", default="",
                  help="re-render the section from a --save-json file instead of measuring")
-  return p.parse_args(argv)
-
-
-def maybe_reexec(args):
-  if args.from_json or args.system_malloc or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-    return
-  env = dict(os.environ, **MALLOC_ENV)
-  os.execve(sys.executable, [sys.executable] + sys.argv, env)
+  args = p.parse_args(argv)
+  if args.output is None:
+    args.output = "" if args.smoke else os.path.join(ROOT, "BENCHMARKS.md")
+  return args
 
 
 args = parse_args()
-maybe_reexec(args)
+ALLOCATOR = apply_allocator()  # a training run's malloc setting (launch.py's), before JAX starts
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
@@ -79,38 +78,6 @@ except ImportError:  # the layer not written yet: time router + routing + apply_
   MoeLayer = None
 
 D, F, K, CF = 256, 1024, 2, 1.25
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-
-
-def timed(fn):
-  """(wall seconds, CPU seconds of this process) of one call, results ready."""
-  w0, c0 = time.perf_counter(), time.process_time()
-  fn()
-  return time.perf_counter() - w0, time.process_time() - c0
-
-
-def race(fns: dict, repeats: int, warmup: int = 1):
-  """Runs the callables in turn `repeats` times after `warmup` rounds; {name: [(wall, cpu)]}."""
-  for _ in range(warmup):
-    for f in fns.values():
-      f()
-  out = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, f in fns.items():
-      out[name].append(timed(f))
-  return out
-
-
-def summary(moe_times, dense_times):
-  """Median wall ms of each side, median per-pair wall ratio and CPU-time ratio."""
-  wall_ratio = statistics.median(m[0] / d[0] for m, d in zip(moe_times, dense_times))
-  cpu_ratio = statistics.median(m[1] / d[1] for m, d in zip(moe_times, dense_times))
-  return {"moe_ms": 1e3 * statistics.median(m[0] for m in moe_times),
-          "dense_ms": 1e3 * statistics.median(d[0] for d in dense_times),
-          "ratio": wall_ratio, "cpu_ratio": cpu_ratio}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,48 +137,22 @@ def jax_moe_step(T, E, capacity_factor, strategy, group_size=None, seed=0):
 
 
 def torch_available():
-  try:
-    import importlib
-    for name in ("torch", "transformers", "transformers.models.mixtral.modeling_mixtral"):
-      importlib.import_module(name)
-    return hasattr(sys.modules["transformers.models.mixtral.modeling_mixtral"],
-                   "MixtralSparseMoeBlock")
-  except Exception:  # noqa: BLE001 - any import problem means "not available"
-    return False
+  """torch and transformers installed (not imported here: they run in their own processes)."""
+  return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
-def torch_steps(T, E):
-  import torch
-  from transformers import MixtralConfig
-  from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-  torch.set_num_threads(os.cpu_count())
-  torch.manual_seed(0)
-  config = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
-                         num_experts_per_tok=K, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=16, router_jitter_noise=0.0)
-  block = MixtralSparseMoeBlock(config).train()
-  for p in block.parameters():  # the block's tensors are created uninitialized
-    torch.nn.init.normal_(p, std=0.02)
-  H = K * F
-  dense = torch.nn.ModuleDict({"w_in": torch.nn.Linear(D, H, bias=False),
-                               "w_gate": torch.nn.Linear(D, H, bias=False),
-                               "w_out": torch.nn.Linear(H, D, bias=False)}).train()
-  x = torch.randn(1, T, D)
-
-  def moe_step():
-    xi = x.clone().requires_grad_(True)
-    block.zero_grad(set_to_none=True)
-    block(xi).sum().backward()
-
-  def dense_step():
-    xi = x.clone().requires_grad_(True)
-    dense.zero_grad(set_to_none=True)
-    h = torch.nn.functional.silu(dense["w_gate"](xi)) * dense["w_in"](xi)
-    dense["w_out"](h).sum().backward()
-
-  impl = getattr(config, "_experts_implementation", None) or "eager"
-  return moe_step, dense_step, impl
+def torch_row(T, E, repeats):
+  """The Hugging Face Mixtral row at E experts, measured by experiments/bench_moe_torch.py in a
+  process of its own under PyTorch's defaults; (summary, implementation, versions) or None."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_moe_torch.py")
+  out = subprocess.run([sys.executable, script, f"--T={T}", f"--E={E}", f"--repeats={repeats}"],
+                       env=env, stdout=subprocess.PIPE, text=True, check=False)
+  if out.returncode:
+    print(f"HF Mixtral row at E={E} failed (exit {out.returncode}): skipped", flush=True)
+    return None
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  return summary(r["moe"], r["dense"]), r["impl"], f"{r['versions']}, {r['threads']} threads"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +163,9 @@ def fmt_row(cells):
   return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def ratio_table(T, experts, repeats, with_torch):
-  """Rows: (E, implementation, moe ms, dense ms, ratio, cpu ratio)."""
+def ratio_table(T, experts, repeats, with_torch, meta):
+  """Rows: (E, implementation, summary); the PyTorch rows' versions and threads go to
+  meta["torch"]."""
   rows = []
   for E in experts:
     entries = [("auto", CF, None), ("gather", CF, None), ("grouped", CF, None),
@@ -243,10 +185,9 @@ def ratio_table(T, experts, repeats, with_torch):
       rows.append((E, name, s))
       print(fmt_row([E, name, f"{s['moe_ms']:.0f}", f"{s['dense_ms']:.0f}", f"{s['ratio']:.2f}",
                      f"{s['cpu_ratio']:.2f}"]), flush=True)
-    if with_torch:
-      moe, dense_t, impl = torch_steps(T, E)
-      times = race({"dense": dense_t, "moe": moe}, repeats)
-      s = summary(times["moe"], times["dense"])
+    row = torch_row(T, E, repeats) if with_torch else None
+    if row is not None:
+      s, impl, meta["torch"] = row
       name = f"HF MixtralSparseMoeBlock ({impl}), dropless"
       rows.append((E, name, s))
       print(fmt_row([E, name, f"{s['moe_ms']:.0f}", f"{s['dense_ms']:.0f}", f"{s['ratio']:.2f}",
@@ -269,21 +210,24 @@ def scaling_table(points, repeats):
 
 
 def render(meta, T, ratio_rows, t_rows, e_rows, load_before, load_after, wall_s):
-  env = "" if meta["system_malloc"] else " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
   cmd = meta["command"]
+  torch_rows = any(name.startswith("HF ") for _, name, _ in ratio_rows)
   out = [SECTION, "",
          f"Measured {meta['date']} on {meta['machine']}; {meta['versions']}.",
-         f"Command: `{cmd.strip()}` (it re-executes itself with `{env.strip() or 'no env change'}`;"
-         f" see the script's docstring). Load average before/after: {load_before} / {load_after};"
+         f"Command: `{cmd.strip()}`. Load average before/after: {load_before} / {load_after};"
          f" the machine is shared, so ratios (interleaved pairs) mean more than absolute times."
          f" Total {wall_s / 60:.1f} min.", "",
+         f"Conditions: the JAX rows run in one process under a training run's conditions"
+         f" (`launch.py`'s, `moe.allocator`): {meta.get('allocator', 'not recorded')}."
+         + (f" Each Hugging Face row runs in its own process (experiments/bench_moe_torch.py)"
+            f" under PyTorch's own defaults: no MALLOC_* variables and no mallopt, PyTorch's"
+            f" default CPU allocator, {meta.get('torch', 'torch')}." if torch_rows else ""), "",
          f"Forward+backward (jit of value_and_grad of the output sum w.r.t. input and all weights),"
          f" f32, T={T} tokens, D={D}, F={F}, K={K}. Dense = SwiGLU FFN of hidden width K*F="
          f"{K * F} in the same framework, timed in alternation with the MoE. Ratio = median over "
-         f"pairs of MoE wall time / dense wall time; CPU ratio = the same with this process's CPU "
-         f"time. JAX rows time the whole `MoeLayer` (router, routing, metrics, experts). The HF rows"
-         f" run in the same process under the same allocator setting, which slows PyTorch's MoE"
-         f" block somewhat (run with --system-malloc to compare).", "",
+         f"pairs of MoE wall time / dense wall time; CPU ratio = the same with the CPU time "
+         f"of the process that ran the row. JAX rows time the whole `MoeLayer` (router,"
+         f" routing, metrics, experts).", "",
          fmt_row(["E", "implementation", "MoE ms", "dense ms", "ratio", "CPU ratio"]),
          fmt_row(["---"] * 6)]
   for E, name, s in ratio_rows:
@@ -382,14 +326,14 @@ def main():
     return
   t0 = time.perf_counter()
   meta = {"command": command_line(),
-          "system_malloc": args.system_malloc, "date": datetime.date.today().isoformat(),
+          "allocator": ALLOCATOR, "date": datetime.date.today().isoformat(),
           "machine": machine(),
-          "versions": versions(("torch", "transformers") if torch_available() else ())}
+          "versions": versions()}
   load_before = loadavg()
-  if args.quick:
-    T, experts, repeats = 512, (4, 16), args.repeats or 2
-    t_points = [(t, 4) for t in (256, 512, 1024)]
-    e_points = [(512, e) for e in (4, 8, 16)]
+  if args.smoke:
+    T, experts, repeats = 256, (4,), args.repeats or 1
+    t_points = [(t, 4) for t in (128, 256)]
+    e_points = [(256, e) for e in (4, 8)]
   else:
     T, experts, repeats = 8192, (8, 64, 256), args.repeats or 5
     t_points = [(t, 8) for t in (4096, 8192, 16384, 32768, 65536)]
@@ -398,9 +342,9 @@ def main():
     experts = tuple(int(e) for e in args.experts.split(",") if e.strip())
   with_torch = not args.no_torch and torch_available()
   if not args.no_torch and not with_torch:
-    print("torch/transformers not importable: skipping the Hugging Face Mixtral rows")
+    print("torch/transformers not installed: skipping the Hugging Face Mixtral rows")
   print(fmt_row(["E", "implementation", "MoE ms", "dense ms", "ratio", "CPU ratio"]), flush=True)
-  ratio_rows = ratio_table(T, experts, repeats, with_torch)
+  ratio_rows = ratio_table(T, experts, repeats, with_torch, meta)
   t_rows = e_rows = []
   if not args.no_scaling:
     t_rows = scaling_table(t_points, max(3, repeats - 2))

@@ -7,7 +7,9 @@ FFN width K*F) for a few steps each, alternating MoE and dense `--rounds` times 
 workdirs, and reads the trainer's own tokens/s (compilation excluded). The ratio MoE / dense is
 taken per round (the two runs of a round are back to back, so machine load hits both alike);
 the issue asks for >= 0.75. Prints a table and writes it to the "Training throughput: default MoE
-vs dense baseline" section of BENCHMARKS.md (only that section is rewritten).
+vs dense baseline" section of BENCHMARKS.md (only that section is rewritten). The runs train in
+this process under launch.py's conditions: `moe.allocator` is applied before JAX is imported
+(`MOE_SYSTEM_MALLOC=1` keeps glibc's defaults), and the section header records it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import statistics
 import sys
 import tempfile
 
-from bench_common import ROOT, command_line, loadavg, machine, versions, write_section
+from bench_common import (ROOT, apply_allocator, command_line, loadavg, machine, versions,
+                          write_section)
 
+ALLOCATOR = apply_allocator()  # launch.py's malloc setting, before JAX is imported
 sys.path.insert(0, ROOT)
 
 from configs import default as default_cfg  # noqa: E402
@@ -64,7 +68,8 @@ def main() -> None:
            f"Measured {datetime.date.today()} on {machine()}; {versions()}; load average at the "
            f"end {loadavg()}.",
            f"Command: `{command_line()}`. Tokens/s is the trainer's own (compilation excluded); "
-           "each round trains the MoE default and then the dense baseline from scratch.", "",
+           "each round trains the MoE default and then the dense baseline from scratch, in this "
+           f"process under launch.py's allocator setting ({ALLOCATOR}).", "",
            "| round | MoE tokens/s | dense tokens/s | MoE / dense |", "| --- | --- | --- | --- |"]
   lines += [f"| {r} | {m:.0f} | {d:.0f} | {q:.2f} |" for r, m, d, q in rows]
   lines += ["", f"Median ratio {median:.2f} (target >= 0.75: "

@@ -1,6 +1,6 @@
 """OLMoE (`olmoe`) and Qwen3-MoE (`qwen3_moe`): import and export, and which MoE type a model
 trained here exports as (`moe_type`). Names: see `moe.convert.layouts`; the attention, norms and
-SwiGLU pieces are `moe.convert.llama`'s.
+SwiGLU pieces are `moe.convert.decoder`'s.
 
 Both route with a softmax over E experts, top-K, and divide the K weights by their sum when
 `norm_topk_prob` (-> moe.renormalize); experts are SwiGLU: mlp.experts.<e>.gate_proj -> w_gate,
@@ -21,9 +21,7 @@ moe.z_loss_weight is 0 on import.
 
 from __future__ import annotations
 
-import numpy as np
-
-from moe.convert import llama
+from moe.convert import decoder
 from moe.convert.tensors import Tensors, need
 from moe.errors import ConfigError
 
@@ -37,23 +35,6 @@ def _moe_fields(hf: dict, E: int, K: int, F: int) -> dict:
               num_shared_experts=0, jitter_eps=0.0,
               load_balance_weight=float(hf.get("router_aux_loss_coef", 1e-2)), z_loss_weight=0.0,
               bias_balancing=False, router_dtype="float32")
-
-
-def _import_experts(t: Tensors, i: int, D: int, E: int, F: int) -> dict:
-  m = f"model.layers.{i}.mlp."
-  per = [llama.import_swiglu(t, f"{m}experts.{e}.", D, F, False) for e in range(E)]
-  return {"router": {"kernel": t.get(m + "gate.weight", (E, D)).T},
-          "experts": {k: np.stack([x[k] for x in per]) for k in ("w_gate", "w_in", "w_out")}}
-
-
-def _export_experts(p: dict, i: int) -> dict:
-  m = f"model.layers.{i}.mlp."
-  out = {m + "gate.weight": p["router"]["kernel"].T}
-  ex = p["experts"]
-  for e in range(ex["w_in"].shape[0]):
-    out.update(llama.export_swiglu({k: ex[k][e] for k in ("w_gate", "w_in", "w_out")},
-                                   f"{m}experts.{e}."))
-  return out
 
 
 def moe_layout(hf: dict, num_layers: int, where: str) -> tuple[int, int]:
@@ -77,11 +58,11 @@ def moe_layout(hf: dict, num_layers: int, where: str) -> tuple[int, int]:
 def moe_to_params(hf: dict, t: Tensors, family: str):
   """An olmoe / qwen3_moe checkpoint -> (model fields, moe fields, params)."""
   where = t.where
-  llama.check_silu(hf, where, family)
+  decoder.check_silu(hf, where, family)
   for key in ("attention_bias", "clip_qkv"):
     if hf.get(key):
       raise ConfigError(f"{where}: {family} {key}={hf[key]!r} is not supported")
-  model = llama.shape_fields(hf, where)
+  model = decoder.shape_fields(hf, where)
   E = hf.get("num_experts") or need(hf, "num_local_experts", where)
   K = need(hf, "num_experts_per_tok", where)
   if family == "olmoe":
@@ -96,14 +77,14 @@ def moe_to_params(hf: dict, t: Tensors, family: str):
   moe = _moe_fields(hf, E, K, F)
   is_moe = lambda i: i >= model["first_moe_layer"] and (  # noqa: E731
       (i - model["first_moe_layer"]) % model["moe_interval"] == 0)
-  params = llama.import_top(t, model)
+  params = decoder.import_top(t, model)
   D = model["d_model"]
   for i in range(model["num_layers"]):
-    blk = llama.import_attention(t, i, model)
+    blk = decoder.import_attention(t, i, model)
     if is_moe(i):
-      blk["moe"] = _import_experts(t, i, D, E, F)
+      blk["moe"] = decoder.import_moe(t, f"model.layers.{i}.mlp.", D, E, F)
     else:
-      blk["mlp"] = llama.import_swiglu(t, f"model.layers.{i}.mlp.", D, model["d_ff"], False)
+      blk["mlp"] = decoder.import_swiglu(t, f"model.layers.{i}.mlp.", D, model["d_ff"], False)
     params[f"block_{i}"] = blk
   return model, moe, params
 
@@ -137,8 +118,8 @@ def moe_type(model: dict, moe: dict) -> str:
   olmoe with model.qk_norm="full", qwen3_moe with "head"; without QK-norm mixtral, which needs
   renormalised top-K in every block. Anything else: a one-line ConfigError naming the setting."""
   where = "--to_hf (MoE)"
-  llama.refuse_unless(where, "Mixtral / OLMoE / Qwen3-MoE",
-                      llama.common_checks(model) + routing_checks(moe))
+  decoder.refuse_unless(where, "Mixtral / OLMoE / Qwen3-MoE",
+                        decoder.common_checks(model) + routing_checks(moe))
   qk = model.get("qk_norm")
   if qk == "full":
     return "olmoe"
@@ -159,7 +140,7 @@ def params_to_moe(model: dict, moe: dict, block, top: dict, family: str):
   """Our MoE params -> (config.json, tensors) of `family` (olmoe / qwen3_moe)."""
   where = f"--to_hf ({family})"
   D, H, Dh, L = (model[k] for k in ("d_model", "num_heads", "head_dim", "num_layers"))
-  checks = llama.common_checks(model) + routing_checks(moe) + [
+  checks = decoder.common_checks(model) + routing_checks(moe) + [
       ("model.attention_bias", bool(model.get("attention_bias")), (False,)),
       ("model.qkv_bias", bool(model.get("qkv_bias")), (False,)),
       ("model.qk_norm", model.get("qk_norm"), ("full" if family == "olmoe" else "head",))]
@@ -168,18 +149,18 @@ def params_to_moe(model: dict, moe: dict, block, top: dict, family: str):
                ("model.first_moe_layer", model.get("first_moe_layer", 0), (0,)),
                ("model.sliding_window", model.get("sliding_window"), (None,)),
                ("model.num_heads * model.head_dim", H * Dh, (D,))]
-  llama.refuse_unless(where, MOE_TYPES[family], checks)
+  decoder.refuse_unless(where, MOE_TYPES[family], checks)
   first, interval = model.get("first_moe_layer", 0), model.get("moe_interval", 1)
   is_moe = lambda i: i >= first and (i - first) % interval == 0  # noqa: E731
-  out = llama.export_top(model, top)
+  out = decoder.export_top(model, top)
   for i in range(L):
     p = block(i)
-    out.update(llama.export_attention(p, i, model))
+    out.update(decoder.export_attention(p, i, model))
     if is_moe(i):
-      out.update(_export_experts(p["moe"], i))
+      out.update(decoder.export_moe(p["moe"], f"model.layers.{i}.mlp."))
     else:
-      out.update(llama.export_swiglu(p["mlp"], f"model.layers.{i}.mlp."))
-  config = llama.shape_config(model)
+      out.update(decoder.export_swiglu(p["mlp"], f"model.layers.{i}.mlp."))
+  config = decoder.shape_config(model)
   E, K, F = moe["num_experts"], moe["num_selected"], moe["expert_hidden"]
   config.update(architectures=[MOE_TYPES[family]], model_type=family, num_experts=E,
                 num_experts_per_tok=K, norm_topk_prob=bool(moe.get("renormalize", True)),
@@ -193,7 +174,7 @@ def params_to_moe(model: dict, moe: dict, block, top: dict, family: str):
     config.update(moe_intermediate_size=F, decoder_sparse_step=1,
                   mlp_only_layers=[i for i in range(L) if not is_moe(i)],
                   use_sliding_window=window is not None, sliding_window=window)
-  return config, llama.contiguous(out)
+  return config, decoder.contiguous(out)
 
 
 def params_to_olmoe(model: dict, moe: dict, block, top: dict):

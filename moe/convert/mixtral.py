@@ -1,13 +1,13 @@
 """Mixtral (`mixtral`, MixtralForCausalLM): import and export. Names: see `moe.convert.layouts`.
 
-PyTorch `nn.Linear` weights are [out, in] (transposed here). Experts: w1 = gate (silu side) ->
-w_gate, w3 = up -> w_in, w2 = down -> w_out.
+The embedding, norms, attention and experts map as `moe.convert.decoder` says; the experts
+(block_sparse_moe.experts.<e>) name their projections w1 = gate (silu side) -> w_gate,
+w3 = up -> w_in, w2 = down -> w_out (`decoder.MIXTRAL_EXPERT`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from moe.convert import decoder
 from moe.convert.rope import rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
@@ -25,34 +25,19 @@ def mixtral_to_params(hf: dict, t: Tensors):
   V, F = _need(hf, "vocab_size", where), _need(hf, "intermediate_size", where)
   E, K = _need(hf, "num_local_experts", where), _need(hf, "num_experts_per_tok", where)
   tied = bool(hf.get("tie_word_embeddings", False))
-  g = t.get
-  params = {"embedding_table": g("model.embed_tokens.weight", (V, D)),
-            "final_norm": {"scale": g("model.norm.weight", (D,))}}
-  if not tied:
-    params["output_kernel"] = g("lm_head.weight", (V, D)).T
-  for i in range(L):
-    b = f"model.layers.{i}."
-    a = b + "self_attn."
-    m = b + "block_sparse_moe."
-    params[f"block_{i}"] = {
-        "attn_norm": {"scale": g(b + "input_layernorm.weight", (D,))},
-        "attn": {"q_kernel": g(a + "q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
-                 "k_kernel": g(a + "k_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
-                 "v_kernel": g(a + "v_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
-                 "o_kernel": g(a + "o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D)},
-        "mlp_norm": {"scale": g(b + "post_attention_layernorm.weight", (D,))},
-        "moe": {"router": {"kernel": g(m + "gate.weight", (E, D)).T},
-                "experts": {
-                    "w_gate": np.stack([g(f"{m}experts.{e}.w1.weight", (F, D)).T for e in range(E)]),
-                    "w_in": np.stack([g(f"{m}experts.{e}.w3.weight", (F, D)).T for e in range(E)]),
-                    "w_out": np.stack([g(f"{m}experts.{e}.w2.weight", (D, F)).T for e in range(E)]),
-                }}}
   model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
                d_ff=F, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
                norm_eps=float(hf.get("rms_norm_eps", 1e-5)), positions="rope",
                **rope_fields(hf, where, 1e6), mlp_activation="swiglu", attention_bias=False,
                tie_embeddings=tied, sliding_window=hf.get("sliding_window"),
                moe_interval=1, first_moe_layer=0)
+  # A tied head saved anyway is refused as an unused tensor (Mixtral's import never took one).
+  params = decoder.import_top(t, model, saved_tied_head=False)
+  for i in range(L):
+    blk = decoder.import_attention(t, i, model)
+    blk["moe"] = decoder.import_moe(t, f"model.layers.{i}.block_sparse_moe.", D, E, F,
+                                    decoder.MIXTRAL_EXPERT)
+    params[f"block_{i}"] = blk
   moe = dict(enabled=True, num_experts=E, num_selected=K, expert_hidden=F, capacity_factor=None,
              eval_capacity_factor=None, renormalize=True, router="token_choice",
              expert_mlp="swiglu", num_shared_experts=0, jitter_eps=float(
@@ -81,33 +66,16 @@ def params_to_mixtral(model: dict, moe: dict | None, block, top: dict):
             ("moe.renormalize", moe.get("renormalize", True), True),
             ("moe.num_shared_experts", moe.get("num_shared_experts", 0), 0),
             ("moe.bias_balancing", moe.get("bias_balancing", False), False)]
-  for name, have, want in checks:
-    if have != want:
-      raise ConfigError(f"{where}: {name}={have!r} has no Mixtral equivalent (needs {want!r})")
+  decoder.refuse_unless(where, "Mixtral", [(name, have, (want,)) for name, have, want in checks])
   D, L, H, N, Dh = (model[k] for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
                                        "head_dim"))
   E, K, F, V = moe["num_experts"], moe["num_selected"], moe["expert_hidden"], model["vocab_size"]
-  out = {"model.embed_tokens.weight": top["embedding_table"],
-         "model.norm.weight": top["final_norm"]["scale"]}
-  if not model["tie_embeddings"]:
-    out["lm_head.weight"] = top["output_kernel"].T
+  out = decoder.export_top(model, top)
   for i in range(L):
     p = block(i)
-    b = f"model.layers.{i}."
-    a = p["attn"]
-    out[b + "input_layernorm.weight"] = p["attn_norm"]["scale"]
-    out[b + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
-    out[b + "self_attn.q_proj.weight"] = a["q_kernel"].reshape(D, H * Dh).T
-    out[b + "self_attn.k_proj.weight"] = a["k_kernel"].reshape(D, N * Dh).T
-    out[b + "self_attn.v_proj.weight"] = a["v_kernel"].reshape(D, N * Dh).T
-    out[b + "self_attn.o_proj.weight"] = a["o_kernel"].reshape(H * Dh, D).T
-    m = b + "block_sparse_moe."
-    out[m + "gate.weight"] = p["moe"]["router"]["kernel"].T
-    ex = p["moe"]["experts"]
-    for e in range(E):
-      out[f"{m}experts.{e}.w1.weight"] = ex["w_gate"][e].T
-      out[f"{m}experts.{e}.w3.weight"] = ex["w_in"][e].T
-      out[f"{m}experts.{e}.w2.weight"] = ex["w_out"][e].T
+    out.update(decoder.export_attention(p, i, model))
+    out.update(decoder.export_moe(p["moe"], f"model.layers.{i}.block_sparse_moe.",
+                                  decoder.MIXTRAL_EXPERT))
   config = {
       "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V,
       "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,

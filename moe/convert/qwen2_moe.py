@@ -28,6 +28,7 @@ import dataclasses
 
 import numpy as np
 
+from moe.convert import decoder
 from moe.convert.rope import ROPE_FIELDS, rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
@@ -55,29 +56,10 @@ def moe_placement(sparse: list[int], num_layers: int, where: str) -> tuple[int, 
   return first, interval
 
 
-def _attention_in(g, a: str, D: int, H: int, N: int, Dh: int, bias: bool) -> dict:
-  out = {"q_kernel": g(a + "q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
-         "k_kernel": g(a + "k_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
-         "v_kernel": g(a + "v_proj.weight", (N * Dh, D)).T.reshape(D, N, Dh),
-         "o_kernel": g(a + "o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D)}
-  if bias:
-    out["q_bias"] = g(a + "q_proj.bias", (H * Dh,)).reshape(H, Dh)
-    out["k_bias"] = g(a + "k_proj.bias", (N * Dh,)).reshape(N, Dh)
-    out["v_bias"] = g(a + "v_proj.bias", (N * Dh,)).reshape(N, Dh)
-  return out
-
-
-def _mlp_in(g, m: str, D: int, F: int) -> dict:
-  return {"w_gate": g(m + "gate_proj.weight", (F, D)).T, "w_in": g(m + "up_proj.weight", (F, D)).T,
-          "w_out": g(m + "down_proj.weight", (D, F)).T}
-
-
-def _moe_in(g, m: str, D: int, E: int, F: int, Fs: int) -> dict:
-  experts = [_mlp_in(g, f"{m}experts.{e}.", D, F) for e in range(E)]
-  out = {"router": {"kernel": g(m + "gate.weight", (E, D)).T},
-         "experts": {k: np.stack([ex[k] for ex in experts]) for k in ("w_gate", "w_in", "w_out")}}
-  shared = _mlp_in(g, m + "shared_expert.", D, Fs)
-  gate = g(m + "shared_expert_gate.weight", (1, D)).T
+def _moe_in(t: Tensors, m: str, D: int, E: int, F: int, Fs: int) -> dict:
+  out = decoder.import_moe(t, m, D, E, F)
+  shared = decoder.import_swiglu(t, m + "shared_expert.", D, Fs)
+  gate = t.get(m + "shared_expert_gate.weight", (1, D)).T
   if Fs:  # a zero-width shared expert adds nothing, gate or not
     out["shared"] = {**shared, "gate": gate}
   return out
@@ -107,27 +89,20 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
     first, interval = moe_placement(sparse, L, where)
   else:
     first, interval = 0, 1
-  g = t.get
-  params = {"embedding_table": g("model.embed_tokens.weight", (V, D)),
-            "final_norm": {"scale": g("model.norm.weight", (D,))}}
-  if not tied:
-    params["output_kernel"] = g("lm_head.weight", (V, D)).T
-  for i in range(L):
-    b = f"model.layers.{i}."
-    blk = {"attn_norm": {"scale": g(b + "input_layernorm.weight", (D,))},
-           "attn": _attention_in(g, b + "self_attn.", D, H, N, Dh, qkv_bias),
-           "mlp_norm": {"scale": g(b + "post_attention_layernorm.weight", (D,))}}
-    if i in sparse:
-      blk["moe"] = _moe_in(g, b + "mlp.", D, E, F, Fs)
-    else:
-      blk["mlp"] = _mlp_in(g, b + "mlp.", D, Fd)
-    params[f"block_{i}"] = blk
   model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
                d_ff=Fd, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
                **rope_fields(hf, where, 1e6), mlp_activation="swiglu",
                attention_bias=False, qkv_bias=qkv_bias, tie_embeddings=tied,
                sliding_window=None, moe_interval=interval, first_moe_layer=first)
+  params = decoder.import_top(t, model, saved_tied_head=False)
+  for i in range(L):
+    blk = decoder.import_attention(t, i, model)
+    if i in sparse:
+      blk["moe"] = _moe_in(t, f"model.layers.{i}.mlp.", D, E, F, Fs)
+    else:
+      blk["mlp"] = decoder.import_swiglu(t, f"model.layers.{i}.mlp.", D, Fd)
+    params[f"block_{i}"] = blk
   if not sparse:
     return model, None, params
   moe = dict(enabled=True, num_experts=E, num_selected=K, expert_hidden=F, capacity_factor=None,
@@ -170,11 +145,7 @@ def export_refusal(model: dict, moe: dict | None) -> str | None:
 
 def _moe_out(out: dict, m: str, moe_p: dict, moe: dict) -> None:
   ex = moe_p["experts"]
-  out[m + "gate.weight"] = moe_p["router"]["kernel"].T
-  for e in range(ex["w_in"].shape[0]):
-    out[f"{m}experts.{e}.gate_proj.weight"] = ex["w_gate"][e].T
-    out[f"{m}experts.{e}.up_proj.weight"] = ex["w_in"][e].T
-    out[f"{m}experts.{e}.down_proj.weight"] = ex["w_out"][e].T
+  out.update(decoder.export_moe(moe_p, m))
   if "shared" not in moe_p:  # no shared experts: a zero-width one adds exactly nothing
     d, dtype = ex["w_in"].shape[1], ex["w_in"].dtype
     for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
@@ -182,10 +153,8 @@ def _moe_out(out: dict, m: str, moe_p: dict, moe: dict) -> None:
     out[m + "shared_expert_gate.weight"] = np.zeros((1, d), dtype)
     return
   sh = moe_p["shared"]
-  out[m + "shared_expert.gate_proj.weight"] = sh["w_gate"].T
-  out[m + "shared_expert.up_proj.weight"] = sh["w_in"].T
+  out.update(decoder.export_swiglu(sh, m + "shared_expert."))
   if moe.get("shared_expert_gate"):
-    out[m + "shared_expert.down_proj.weight"] = sh["w_out"].T
     out[m + "shared_expert_gate.weight"] = sh["gate"].T
   else:  # no gate here: sigmoid(0) = 0.5 times a doubled down projection (exact)
     out[m + "shared_expert.down_proj.weight"] = (sh["w_out"] + sh["w_out"]).T
@@ -202,27 +171,14 @@ def params_to_qwen2_moe(model: dict, moe: dict | None, block, top: dict):
                                        "head_dim"))
   first, interval = model.get("first_moe_layer", 0), model.get("moe_interval", 1)
   sparse = list(range(first, L, interval))
-  out = {"model.embed_tokens.weight": top["embedding_table"],
-         "model.norm.weight": top["final_norm"]["scale"]}
-  if not model["tie_embeddings"]:
-    out["lm_head.weight"] = top["output_kernel"].T
+  out = decoder.export_top(model, top)
   for i in range(L):
-    p, b = block(i), f"model.layers.{i}."
-    a = p["attn"]
-    out[b + "input_layernorm.weight"] = p["attn_norm"]["scale"]
-    out[b + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
-    for name, heads in (("q", H), ("k", N), ("v", N)):
-      out[f"{b}self_attn.{name}_proj.weight"] = a[f"{name}_kernel"].reshape(D, heads * Dh).T
-      if model.get("qkv_bias"):
-        out[f"{b}self_attn.{name}_proj.bias"] = a[f"{name}_bias"].reshape(heads * Dh)
-    out[b + "self_attn.o_proj.weight"] = a["o_kernel"].reshape(H * Dh, D).T
+    p, m = block(i), f"model.layers.{i}.mlp."
+    out.update(decoder.export_attention(p, i, model))
     if i in sparse:
-      _moe_out(out, b + "mlp.", p["moe"], moe)
+      _moe_out(out, m, p["moe"], moe)
     else:
-      mlp = p["mlp"]
-      out[b + "mlp.gate_proj.weight"] = mlp["w_gate"].T
-      out[b + "mlp.up_proj.weight"] = mlp["w_in"].T
-      out[b + "mlp.down_proj.weight"] = mlp["w_out"].T
+      out.update(decoder.export_swiglu(p["mlp"], m))
   plain_step = first == interval - 1  # MoE at layers step-1, 2*step-1, ...: no list needed
   shared_width = moe["num_shared_experts"] * (moe.get("shared_expert_hidden")
                                               or moe["expert_hidden"])

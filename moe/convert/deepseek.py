@@ -31,26 +31,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe.convert import decoder
 from moe.convert.rope import rope_config, rope_fields
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
-
-_LINEAR_MLP = (("w_gate", "gate_proj"), ("w_in", "up_proj"))
-
-
-def _mlp(t: Tensors, prefix: str, D: int, F: int) -> dict:
-  out = {ours: t.get(f"{prefix}{hf}.weight", (F, D)).T for ours, hf in _LINEAR_MLP}
-  out["w_out"] = t.get(f"{prefix}down_proj.weight", (D, F)).T
-  return out
-
 
 def _experts(t: Tensors, m: str, E: int, D: int, F: int) -> dict:
   if f"{m}experts.gate_up_proj" in t:  # transformers' fused in-memory layout
     gate_up = t.get(f"{m}experts.gate_up_proj", (E, 2 * F, D))
     return {"w_gate": gate_up[:, :F].transpose(0, 2, 1), "w_in": gate_up[:, F:].transpose(0, 2, 1),
             "w_out": t.get(f"{m}experts.down_proj", (E, D, F)).transpose(0, 2, 1)}
-  each = [_mlp(t, f"{m}experts.{e}.", D, F) for e in range(E)]
-  return {k: np.stack([x[k] for x in each]) for k in ("w_gate", "w_in", "w_out")}
+  return decoder.import_experts(t, m, D, E, F)
 
 
 def _attn(t: Tensors, a: str, m: dict) -> dict:
@@ -128,7 +119,7 @@ def _to_params(hf: dict, t: Tensors, version: int):
   where = t.where
   model = _common(hf, where)
   model["rope_interleave"] = bool(hf.get("rope_interleave", True)) if version == 3 else True
-  D, L, V, Fd = (model[k] for k in ("d_model", "num_layers", "vocab_size", "d_ff"))
+  D, L, Fd = (model[k] for k in ("d_model", "num_layers", "d_ff"))
   first_moe = model["first_moe_layer"]
   moe = None
   if first_moe < L:
@@ -137,24 +128,19 @@ def _to_params(hf: dict, t: Tensors, version: int):
                router="token_choice", expert_mlp="swiglu", num_shared_experts=S, jitter_eps=0.0,
                load_balance_weight=0.0, z_loss_weight=0.0, router_dtype="float32",
                **_routing(hf, where, version))
-  params = {"embedding_table": t.get("model.embed_tokens.weight", (V, D)),
-            "final_norm": {"scale": t.get("model.norm.weight", (D,))}}
-  if not model["tie_embeddings"]:
-    params["output_kernel"] = t.get("lm_head.weight", (V, D)).T
+  params = decoder.import_top(t, model, saved_tied_head=False)
   moe_bias = {}
   for i in range(L):
-    b, m = f"model.layers.{i}.", f"model.layers.{i}.mlp."
-    block = {"attn_norm": {"scale": t.get(b + "input_layernorm.weight", (D,))},
-             "attn": _attn(t, b + "self_attn.", model),
-             "mlp_norm": {"scale": t.get(b + "post_attention_layernorm.weight", (D,))}}
+    m = f"model.layers.{i}.mlp."
+    block = decoder.import_block(t, i, D, _attn(t, f"model.layers.{i}.self_attn.", model))
     if i < first_moe:
-      block["mlp"] = _mlp(t, m, D, Fd)
+      block["mlp"] = decoder.import_swiglu(t, m, D, Fd)
     else:
       E, F, S = moe["num_experts"], moe["expert_hidden"], moe["num_shared_experts"]
       block["moe"] = {"router": {"kernel": t.get(m + "gate.weight", (E, D)).T},
                       "experts": _experts(t, m, E, D, F)}
       if S:
-        block["moe"]["shared"] = _mlp(t, m + "shared_experts.", D, S * F)
+        block["moe"]["shared"] = decoder.import_swiglu(t, m + "shared_experts.", D, S * F)
       if version == 3:
         moe_bias[f"block_{i}"] = {"moe": {"bias": t.get(m + "gate.e_score_correction_bias",
                                                         (E,))}}
@@ -242,39 +228,29 @@ def _export_attn(a: dict, model: dict) -> dict:
   return out
 
 
-def _export_mlp(p: dict, prefix: str, out: dict) -> None:
-  for ours, hf in _LINEAR_MLP + (("w_out", "down_proj"),):
-    out[f"{prefix}{hf}.weight"] = p[ours].T
-
-
 def _params_to_deepseek(model: dict, moe: dict | None, block, top: dict, version: int):
   _export_checks(model, moe, version)
   L, first = model["num_layers"], model.get("first_moe_layer", 0)
   E, F = moe["num_experts"], moe["expert_hidden"]
-  out = {"model.embed_tokens.weight": top["embedding_table"],
-         "model.norm.weight": top["final_norm"]["scale"]}
-  if not model["tie_embeddings"]:
-    out["lm_head.weight"] = top["output_kernel"].T
+  out = decoder.export_top(model, top)
   for i in range(L):
     p = block(i)
     b = f"model.layers.{i}."
-    out[b + "input_layernorm.weight"] = p["attn_norm"]["scale"]
-    out[b + "post_attention_layernorm.weight"] = p["mlp_norm"]["scale"]
+    out.update(decoder.export_norms(p, i))
     for name, x in _export_attn(p["attn"], model).items():
       out[b + "self_attn." + name] = x
     m = b + "mlp."
     if i < first:
-      _export_mlp(p["mlp"], m, out)
+      out.update(decoder.export_swiglu(p["mlp"], m))
       continue
     out[m + "gate.weight"] = p["moe"]["router"]["kernel"].T
     if version == 3:
       bias = p.get("moe_bias", {}).get("moe", {}).get("bias")
       out[m + "gate.e_score_correction_bias"] = (np.zeros((E,), np.float32) if bias is None
                                                  else bias)
-    for e in range(E):
-      _export_mlp({k: v[e] for k, v in p["moe"]["experts"].items()}, f"{m}experts.{e}.", out)
+    out.update(decoder.export_experts(p["moe"]["experts"], m))
     if moe.get("num_shared_experts", 0):
-      _export_mlp(p["moe"]["shared"], m + "shared_experts.", out)
+      out.update(decoder.export_swiglu(p["moe"]["shared"], m + "shared_experts."))
   S = moe.get("num_shared_experts", 0) * (moe.get("shared_expert_hidden") or F) // F
   config = {
       "architectures": [f"DeepseekV{version}ForCausalLM"], "model_type": f"deepseek_v{version}",

@@ -1,5 +1,5 @@
-"""Helpers for the Hugging Face parity tests (test_llama.py, test_olmoe.py): perturb a tiny
-random transformers model so that every norm, bias and routing decision matters, convert it,
+"""Helpers for the Hugging Face parity tests (test_convert.py, test_llama.py, test_olmoe.py,
+test_qwen2_moe.py, test_deepseek.py): perturb a tiny random transformers model so that every norm, bias and routing decision matters, convert it,
 compare logits, export it back and compare every tensor; export models initialised here.
 
 Callers import torch and transformers with `pytest.importorskip` first."""
@@ -57,9 +57,14 @@ def hf_logits(model, toks):
 
 
 def our_logits(workdir, toks):
+  """Logits of the converted `workdir` (its `moe_bias` collection included when it has one)."""
   spec = json.load(open(os.path.join(workdir, "config.json")))
   mc = model_config_from(ml_collections.ConfigDict({"model": spec["model"], "moe": spec["moe"]}))
-  return apply_ours(mc, ckpt_lib.load_params(workdir), toks)
+  variables = {"params": ckpt_lib.load_params(workdir)}
+  bias = convert._load_moe_bias(workdir)
+  if bias:
+    variables["moe_bias"] = bias
+  return apply_variables(mc, variables, toks)
 
 
 def import_and_compare(model, tmp_path, toks=None) -> tuple[str, str, dict]:
@@ -113,9 +118,13 @@ def init_here(model_fields: dict, moe_fields: dict | None, workdir: str, seed=0)
   return mc
 
 
-def apply_ours(mc, params, toks):
+def apply_variables(mc, variables, toks):
   """Our logits, jitted (op by op, an MoE model is slower than its compilation)."""
-  return np.asarray(jax.jit(Transformer(mc).apply)({"params": params}, jnp.asarray(toks)))
+  return np.asarray(jax.jit(Transformer(mc).apply)(variables, jnp.asarray(toks)))
+
+
+def apply_ours(mc, params, toks):
+  return apply_variables(mc, {"params": params}, toks)
 
 
 def export_matches_transformers(mc, workdir, tmp_path, toks=None) -> dict:

@@ -17,38 +17,11 @@ torch = pytest.importorskip("torch", reason="needs torch (requirements-test.txt)
 transformers = pytest.importorskip("transformers", reason="needs transformers "
                                    "(requirements-test.txt) to build reference models")
 
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-
-from moe.train import checkpoint as ckpt_lib  # noqa: E402
+from conftest import REPO  # noqa: E402
+from hf_parity import V, hf_logits, our_logits, rel_err, tokens  # noqa: E402
 from moe import cli as cli_lib  # noqa: E402
 from moe.convert import cli as convert  # noqa: E402
-from moe.errors import ConfigError
-from moe.model.config import model_config_from  # noqa: E402
-from moe.model.transformer import Transformer  # noqa: E402
-
-from conftest import REPO  # noqa: E402
-V = 61
-
-
-def our_logits(workdir, tokens):
-  spec = json.load(open(os.path.join(workdir, "config.json")))
-  mc = model_config_from(ml_collections.ConfigDict({"model": spec["model"], "moe": spec["moe"]}))
-  params = ckpt_lib.load_params(workdir)
-  return np.asarray(Transformer(mc).apply({"params": params}, jnp.asarray(tokens)))
-
-
-def hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
-def rel_err(a, b):
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def tokens(b=2, l=19, seed=0):
-  return np.random.default_rng(seed).integers(0, V, (b, l)).astype(np.int32)
+from moe.errors import ConfigError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

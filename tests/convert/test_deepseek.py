@@ -21,43 +21,19 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from conftest import one_line_error  # noqa: E402
+import hf_parity  # noqa: E402
+from hf_parity import V, hf_logits, our_logits, rel_err  # noqa: E402
+from hf_parity import apply_variables as apply  # noqa: E402
 from moe import cli as cli_lib  # noqa: E402
 from moe.convert import cli as convert  # noqa: E402
 from moe.convert import layouts  # noqa: E402
 from moe.layer.config import MoeConfig  # noqa: E402
 from moe.model.config import ModelConfig, model_config_from  # noqa: E402
-from moe.model.transformer import Transformer  # noqa: E402
 from moe.train import checkpoint as ckpt_lib  # noqa: E402
 
-V = 61
 
-
-def our_logits(workdir, tokens):
-  spec = json.load(open(os.path.join(workdir, "config.json")))
-  mc = model_config_from(ml_collections.ConfigDict({"model": spec["model"], "moe": spec["moe"]}))
-  variables = {"params": ckpt_lib.load_params(workdir)}
-  bias = convert._load_moe_bias(workdir)
-  if bias:
-    variables["moe_bias"] = bias
-  return apply(mc, variables, tokens)
-
-
-def apply(mc, variables, tokens):
-  """Logits of our model, jitted (op by op, every new shape compiles on its own: much slower)."""
-  return np.asarray(jax.jit(Transformer(mc).apply)(variables, jnp.asarray(tokens)))
-
-
-def hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
-def rel_err(a, b):
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def tokens(b=2, l=13, seed=0):
-  return np.random.default_rng(seed).integers(0, V, (b, l)).astype(np.int32)
+def tokens(seed):
+  return hf_parity.tokens(l=13, seed=seed)
 
 
 def perturb(model, scale=4.0):

@@ -16,38 +16,15 @@ transformers = pytest.importorskip("transformers", reason="needs transformers "
                                    "(requirements-test.txt) to build reference models")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
+from hf_parity import V, hf_logits, our_logits, rel_err, tokens  # noqa: E402
 from moe.convert import cli as convert  # noqa: E402
 from moe.convert import layouts  # noqa: E402
 from moe.errors import ConfigError  # noqa: E402
 from moe.model.config import model_config_from  # noqa: E402
-from moe.model.transformer import Transformer, param_shapes  # noqa: E402
+from moe.model.transformer import param_shapes  # noqa: E402
 from moe.rundir import CONFIG_FILE, write_json_atomic  # noqa: E402
-from moe.train import checkpoint as ckpt_lib  # noqa: E402
-
-V = 61
-
-
-def our_logits(workdir, toks):
-  spec = json.load(open(os.path.join(workdir, CONFIG_FILE)))
-  mc = model_config_from(ml_collections.ConfigDict({"model": spec["model"], "moe": spec["moe"]}))
-  params = ckpt_lib.load_params(workdir)
-  return np.asarray(Transformer(mc).apply({"params": params}, jnp.asarray(toks)))
-
-
-def hf_logits(model, toks):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(toks), dtype=torch.long)).logits.float().numpy()
-
-
-def rel_err(a, b):
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def tokens(b=2, l=19, seed=0):
-  return np.random.default_rng(seed).integers(0, V, (b, l)).astype(np.int32)
 
 
 def qwen2_moe_model(seed=0, **kw):

@@ -40,8 +40,9 @@ def check_silu(hf: dict, where: str, family: str) -> None:
                       "(SwiGLU with silu only)")
 
 
-def shape_fields(hf: dict, where: str) -> dict:
-  """The `model` fields every family of this layout shares (no biases, no QK-norm)."""
+def shape_fields(hf: dict, where: str, eps: float = 1e-6, theta: float = 10000.0) -> dict:
+  """The `model` fields every family of this layout shares (no biases, no QK-norm); eps and
+  theta: the family's rms_norm_eps and rope_theta when config.json has none."""
   D, L = need(hf, "hidden_size", where), need(hf, "num_hidden_layers", where)
   H = need(hf, "num_attention_heads", where)
   return dict(vocab_size=need(hf, "vocab_size", where), d_model=D, num_layers=L, num_heads=H,
@@ -49,8 +50,8 @@ def shape_fields(hf: dict, where: str) -> dict:
               head_dim=hf.get("head_dim") or D // H,
               d_ff=need(hf, "intermediate_size", where),
               max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
-              norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
-              **rope_fields(hf, where), mlp_activation="swiglu",
+              norm_eps=float(hf.get("rms_norm_eps", eps)), positions="rope",
+              **rope_fields(hf, where, theta), mlp_activation="swiglu",
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)), logits_soft_cap=None,
               attention_bias=False, qkv_bias=False, qk_norm=None, sliding_window=None)
 

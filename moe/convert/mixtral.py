@@ -8,7 +8,7 @@ w3 = up -> w_in, w2 = down -> w_out (`decoder.MIXTRAL_EXPERT`).
 from __future__ import annotations
 
 from moe.convert import decoder
-from moe.convert.rope import rope_config, rope_fields
+from moe.convert.rope import rope_config
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
 
@@ -18,19 +18,10 @@ def mixtral_to_params(hf: dict, t: Tensors):
   if hf.get("hidden_act", "silu") != "silu":
     raise ConfigError(f"{where}: Mixtral hidden_act={hf.get('hidden_act')!r} is not supported "
                       "(experts are SwiGLU with silu)")
-  D, L = _need(hf, "hidden_size", where), _need(hf, "num_hidden_layers", where)
-  H = _need(hf, "num_attention_heads", where)
-  N = hf.get("num_key_value_heads") or H
-  Dh = hf.get("head_dim") or D // H
-  V, F = _need(hf, "vocab_size", where), _need(hf, "intermediate_size", where)
+  model = decoder.shape_fields(hf, where, eps=1e-5, theta=1e6)
+  model.update(sliding_window=hf.get("sliding_window"), moe_interval=1, first_moe_layer=0)
+  D, L, F = model["d_model"], model["num_layers"], model["d_ff"]
   E, K = _need(hf, "num_local_experts", where), _need(hf, "num_experts_per_tok", where)
-  tied = bool(hf.get("tie_word_embeddings", False))
-  model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
-               d_ff=F, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
-               norm_eps=float(hf.get("rms_norm_eps", 1e-5)), positions="rope",
-               **rope_fields(hf, where, 1e6), mlp_activation="swiglu", attention_bias=False,
-               tie_embeddings=tied, sliding_window=hf.get("sliding_window"),
-               moe_interval=1, first_moe_layer=0)
   # A tied head saved anyway is refused as an unused tensor (Mixtral's import never took one).
   params = decoder.import_top(t, model, saved_tied_head=False)
   for i in range(L):

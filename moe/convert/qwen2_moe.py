@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 
 from moe.convert import decoder
-from moe.convert.rope import ROPE_FIELDS, rope_config, rope_fields
+from moe.convert.rope import ROPE_FIELDS, rope_config
 from moe.convert.tensors import Tensors, need as _need
 from moe.errors import ConfigError
 from moe.layer.config import MoeConfig
@@ -73,14 +73,8 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
   if hf.get("use_sliding_window"):
     raise ConfigError(f"{where}: use_sliding_window=True is not supported (Qwen2-MoE's "
                       "per-layer sliding window)")
-  D, L = _need(hf, "hidden_size", where), _need(hf, "num_hidden_layers", where)
-  H = _need(hf, "num_attention_heads", where)
-  N = hf.get("num_key_value_heads") or H
-  Dh = hf.get("head_dim") or D // H
-  V = _need(hf, "vocab_size", where)
-  Fd = _need(hf, "intermediate_size", where)
-  qkv_bias = bool(hf.get("qkv_bias", True))
-  tied = bool(hf.get("tie_word_embeddings", False))
+  model = decoder.shape_fields(hf, where, theta=1e6)
+  D, L, Fd = model["d_model"], model["num_layers"], model["d_ff"]
   sparse = sparse_layers(hf, L)
   if sparse:
     E, K = _need(hf, "num_experts", where), _need(hf, "num_experts_per_tok", where)
@@ -89,12 +83,8 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
     first, interval = moe_placement(sparse, L, where)
   else:
     first, interval = 0, 1
-  model = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=N, head_dim=Dh,
-               d_ff=Fd, max_len=int(hf.get("max_position_embeddings", 4096)), norm="rms",
-               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope",
-               **rope_fields(hf, where, 1e6), mlp_activation="swiglu",
-               attention_bias=False, qkv_bias=qkv_bias, tie_embeddings=tied,
-               sliding_window=None, moe_interval=interval, first_moe_layer=first)
+  model.update(qkv_bias=bool(hf.get("qkv_bias", True)), moe_interval=interval,
+               first_moe_layer=first)
   params = decoder.import_top(t, model, saved_tied_head=False)
   for i in range(L):
     blk = decoder.import_attention(t, i, model)

@@ -140,3 +140,39 @@ def export_matches_transformers(mc, workdir, tmp_path, toks=None) -> dict:
   err = rel_err(hf_logits(back, toks), ours)
   assert err < 1e-4, err
   return config
+
+
+def with_word_tokenizer(hf_dir: str, dest: str):
+  """Copies `hf_dir` to `dest` with a word-level tokenizer.json over the V ids ("<pad>", "<s>",
+  "</s>", w0, w1, ...). Callers `pytest.importorskip("tokenizers")` first. Returns it."""
+  import shutil
+  import tokenizers
+  shutil.copytree(hf_dir, dest)
+  words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(V - 3)]
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                         unk_token="<pad>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.decoder = None
+  tok.save(os.path.join(dest, "tokenizer.json"))
+  return tok
+
+
+def greedy_matches_transformers(gen, model, tok, prompt: str, steps: int = 8):
+  """Asserts our greedy completion of `prompt` (`moe.inference.generate`'s `gen`) is
+  transformers' greedy `generate` up to where ours stops (EOS, which transformers was told not
+  to stop at, or `steps` tokens). Returns our completion."""
+  import torch
+  ours = gen.complete(gen.encode_prompt(prompt), max_new_tokens=steps, temperature=0.0,
+                      stop=["\x00never"])
+  ids = torch.tensor([[1] + tok.encode(prompt).ids])
+  with torch.no_grad():
+    hf = model.generate(ids, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)
+  want = hf[0, ids.shape[1]:].tolist()
+  n = len(ours.ids)
+  assert ours.ids == want[:n]
+  if ours.stopped == "eos":  # we stop at EOS (id 2)
+    assert want[n] == 2
+  else:
+    assert ours.stopped == "length" and n == steps
+  return ours

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers", reason="needs transformers "
                                    "(requirements-test.txt) to build reference models")
 
 from conftest import REPO  # noqa: E402
-from hf_parity import V, hf_logits, our_logits, rel_err, tokens  # noqa: E402
+from hf_parity import (V, greedy_matches_transformers, hf_logits, our_logits,  # noqa: E402
+                       rel_err, tokens, with_word_tokenizer)
 from moe import cli as cli_lib  # noqa: E402
 from moe.convert import cli as convert  # noqa: E402
 from moe.errors import ConfigError  # noqa: E402
@@ -178,38 +179,19 @@ def test_gpt2_export_refused(gpt2_dir, tmp_path):
 def test_complete_with_converted_mixtral_matches_hf_greedy(mixtral_dir, tmp_path):
   """`--mode=complete` on a converted checkpoint: its tokenizer.json is used, and greedy
   decoding with our KV cache gives the tokens transformers' greedy `generate` gives."""
-  tokenizers = pytest.importorskip("tokenizers")
+  pytest.importorskip("tokenizers")
   import io
-  import shutil
   from moe.inference import generate
   hf_dir, model = mixtral_dir
   d = str(tmp_path / "hf")
-  shutil.copytree(hf_dir, d)
-  words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(V - 3)]
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
-                                                         unk_token="<pad>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.decoder = None
-  tok.save(os.path.join(d, "tokenizer.json"))
+  tok = with_word_tokenizer(hf_dir, d)
   work = str(tmp_path / "ours")
   convert.from_hf(d, work)
   cfg = cli_lib.load_config_file(os.path.join(work, "config.py"))
   gen = generate.load(cfg, work)
   assert isinstance(gen.tokenizer, generate.HfTokenizer) and gen.tokenizer.bos_id == 1
   prompt = "w5 w17 w3 w40"
-  ours = gen.complete(gen.encode_prompt(prompt), max_new_tokens=8, temperature=0.0,
-                      stop=["\x00never"])
-  ids = torch.tensor([[1] + tok.encode(prompt).ids])
-  with torch.no_grad():
-    hf = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)
-  want = hf[0, ids.shape[1]:].tolist()
-  n = len(ours.ids)
-  assert ours.ids == want[:n]
-  if ours.stopped == "eos":  # we stop at EOS (id 2); transformers was told not to
-    assert want[n] == 2
-  else:
-    assert ours.stopped == "length" and n == 8
+  greedy_matches_transformers(gen, model, tok, prompt)
   out = io.StringIO()
   generate.main(cfg, work, prompt=prompt, max_new_tokens=3, temperature=0.0, out=out)
   assert out.getvalue().startswith(prompt)

@@ -191,35 +191,17 @@ def test_rope_scaling_and_fp8_refused(tmp_path):
 
 def test_complete_with_converted_deepseek_v3_matches_hf_greedy(v3_dir, tmp_path):
   """Greedy decoding through our latent KV cache gives transformers' greedy `generate` tokens."""
-  tokenizers = pytest.importorskip("tokenizers")
-  import shutil
+  pytest.importorskip("tokenizers")
   from moe.inference import generate
   hf_dir, model = v3_dir
   d = str(tmp_path / "hf")
-  shutil.copytree(hf_dir, d)
-  words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(V - 3)]
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
-                                                         unk_token="<pad>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  tok.save(os.path.join(d, "tokenizer.json"))
+  tok = hf_parity.with_word_tokenizer(hf_dir, d)
   work = str(tmp_path / "ours")
   convert.from_hf(d, work)
   cfg = cli_lib.load_config_file(os.path.join(work, "config.py"))
   gen = generate.load(cfg, work)
-  prompt = "w5 w17 w3 w40"
-  ours = gen.complete(gen.encode_prompt(prompt), max_new_tokens=8, temperature=0.0,
-                      stop=["\x00never"])
-  ids = torch.tensor([[1] + tok.encode(prompt).ids])
-  with torch.no_grad():
-    hf = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)
-  want = hf[0, ids.shape[1]:].tolist()
-  n = len(ours.ids)
-  assert n >= 1 and ours.ids == want[:n]
-  if ours.stopped == "eos":  # we stop at EOS (id 2); transformers was told not to
-    assert want[n] == 2
-  else:
-    assert ours.stopped == "length" and n == 8
+  ours = hf_parity.greedy_matches_transformers(gen, model, tok, "w5 w17 w3 w40")
+  assert len(ours.ids) >= 1
 
 
 def trained_here(**moe_kw):

@@ -1,7 +1,8 @@
 """DeepSeek-V3 (`deepseek_v3`) and DeepSeek-V2 (`deepseek_v2`): import and export. Names: see
 `moe.convert.layouts`; the attention is MLA (`model.attention="mla"`, moe/model/mla.py).
 
-Mapping (PyTorch `nn.Linear` weights are [out, in], transposed here):
+Mapping (PyTorch `nn.Linear` weights are [out, in], transposed here; the embedding, norms, dense
+MLPs and experts through `moe.convert.decoder`):
 
   self_attn.q_proj [H*(Dn+Dr), D]            -> attn/q_kernel [D, H, Dn+Dr]   (q_lora_rank None)
   self_attn.q_a_proj [Rq, D], q_a_layernorm  -> attn/q_a_kernel [D, Rq], q_a_norm_scale

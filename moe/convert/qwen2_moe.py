@@ -17,9 +17,9 @@ sigmoid(0) * (2 W) x = 0.5 * 2 * (W x), exact in floating point (scaling by 2 on
 exponent). Dense blocks become `mlp_only_layers` with `decoder_sparse_step=1` (or a plain
 `decoder_sparse_step` when the MoE blocks are layers step-1, 2*step-1, ...).
 
-Arrays keep their stored dtype (only transposes, reshapes and stacks here). PyTorch `nn.Linear`
-weights are [out, in]. Experts and shared expert: gate_proj (silu side) -> w_gate, up_proj ->
-w_in, down_proj -> w_out.
+Arrays keep their stored dtype (only transposes, reshapes and stacks here). The embedding, norms,
+attention, dense MLPs, experts and shared expert map as `moe.convert.decoder` says (gate_proj,
+silu side -> w_gate, up_proj -> w_in, down_proj -> w_out).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ import logging as std_logging
 import os
 import sys
 import tempfile
+import traceback
 
 # TensorFlow's C++ INFO/WARNING lines off (set before the first TF import: clu, TFDS).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -224,9 +225,11 @@ class QuietLibraries(std_logging.Filter):
   NOISY = ("/orbax/", "/jax/_src/xla_bridge", "/tensorflow_datasets/", "/etils/")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.name == "asyncio" and "/orbax/" in record.getMessage():
+    if record.name == "asyncio" and (
+        "/orbax/" in record.getMessage() or _raised_in_orbax(record.exc_info)):
       # A failed save's writes that Orbax's thread no longer awaits: asyncio reports each one
-      # ("Task exception was never retrieved", with a traceback) when it is collected.
+      # ("Task exception was never retrieved" naming an Orbax coroutine, or "Future exception
+      # was never retrieved" with a traceback through Orbax's writer) when it is collected.
       return False
     if "/orbax/" in record.pathname and record.exc_info:
       # A failed save is reported once, in one line (moe.train.checkpoint.CheckpointError);
@@ -234,6 +237,13 @@ class QuietLibraries(std_logging.Filter):
       record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING or not any(
         n in record.pathname for n in self.NOISY)
+
+
+def _raised_in_orbax(exc_info) -> bool:
+  """Whether a logged exception's traceback passes through Orbax's code."""
+  if not exc_info or len(exc_info) < 3 or exc_info[2] is None:
+    return False
+  return any("/orbax/" in frame.filename for frame in traceback.extract_tb(exc_info[2]))
 
 
 def ignore_closed_event_loops() -> None:

@@ -321,7 +321,8 @@ def test_metrics_truncation_drops_later_and_duplicated_records(tmp_path):
 
 def test_launch_drops_only_the_failed_save_noise():
   """The two filters behind the full-disk test's "no Traceback": asyncio's report of an Orbax
-  write nobody awaits any more, and TensorStore's "Event loop is closed" unraisables; other
+  write nobody awaits any more (a Task naming an Orbax coroutine, or a Future whose exception
+  was raised in Orbax), and TensorStore's "Event loop is closed" unraisables; other
   records and other unraisable exceptions pass."""
   import logging as std_logging
   import launch
@@ -335,6 +336,20 @@ def test_launch_drops_only_the_failed_save_noise():
   assert not quiet.filter(record("asyncio", orbax_task))
   assert quiet.filter(record("asyncio", "Task exception was never retrieved\nfuture: <Task mine>"))
   assert quiet.filter(record("moe", "error in /orbax/ path named by our own code"))
+
+  def raised_in(filename):  # an exception whose traceback passes through `filename`
+    try:
+      exec(compile("raise ValueError('OUT_OF_RANGE: Error writing')", filename, "exec"))
+    except ValueError:
+      return sys.exc_info()
+
+  orbax_future = record("asyncio", "Future exception was never retrieved\nfuture: <Future "
+                        "finished exception=ValueError('OUT_OF_RANGE: Error writing')>")
+  orbax_future.exc_info = raised_in("/venv/site-packages/orbax/checkpoint/_src/serialization.py")
+  assert not quiet.filter(orbax_future)
+  other_future = record("asyncio", "Future exception was never retrieved")
+  other_future.exc_info = raised_in("/work/mine.py")
+  assert quiet.filter(other_future)
 
   seen = []
   previous = sys.unraisablehook

@@ -59,7 +59,10 @@ STRATEGIES = tuple(s for s in DISPATCHES if s != "auto")
 CAPACITY_ONLY = ("einsum", "gather")
 
 # What "auto" resolves to: (with a capacity, dropless) per backend.
-# - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md).
+# - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md). Re-measured
+#   under launch.py's allocator setting (moe.allocator), gather beats grouped with a capacity
+#   at E = 8 / 64 / 256 (1.37 / 1.49 / 1.98 vs 1.49 / 2.17 / 2.46 x dense); the switch waits
+#   for a second measurement and a full test run.
 # - gpu: experiments/accelerator_check.py on one H200, jax 0.11.2, bf16, T=65536 D=2048 F=1408:
 #   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
 #   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a

@@ -197,6 +197,37 @@ class QkNorm(nn.Module):
     return (y * scale).astype(x_BLHK.dtype)
 
 
+def decode_cache(module: nn.Module, entries: dict, segment_ids_BL, cache_index, dtype):
+  """One attention layer's decode cache: each entry [B, L, ...] is written at `cache_index` into
+  the `cache` variable of its name [B, S, ...], beside `cached_segment` [B, S], the segment id of
+  each slot (0 = empty, so slots not yet written are masked like padding). S is fixed by the
+  input that created the cache (see model.init_cache); chunks written past the end are clamped
+  by dynamic_update_slice, so the caller keeps index + L <= S (generation stops there).
+
+  Returns (the cached arrays [B, S, ...] by name, query slots [L], key slots [S], key segments
+  [B, S]); while initializing, the entries themselves with the chunk's own slots and segments.
+  """
+  B, L = segment_ids_BL.shape
+  variables = {name: module.variable("cache", name, jnp.zeros, x.shape, dtype)
+               for name, x in entries.items()}
+  cs = module.variable("cache", "cached_segment", jnp.zeros, (B, L), jnp.int32)
+  index_L = jnp.arange(L, dtype=jnp.int32)
+  if module.is_initializing():
+    return entries, index_L, index_L, segment_ids_BL
+  S = cs.value.shape[1]
+  if L > S:
+    raise ValueError(f"decode chunk of length {L} exceeds the cache length {S} "
+                     f"(model.max_len / init_cache max_len)")
+  for name, x in entries.items():
+    var = variables[name]
+    var.value = jax.lax.dynamic_update_slice(var.value, x.astype(dtype),
+                                             (0, cache_index) + (0,) * (x.ndim - 2))
+  cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids_BL.astype(jnp.int32),
+                                          (0, cache_index))
+  cached = {name: var.value for name, var in variables.items()}
+  return cached, cache_index + index_L, jnp.arange(S, dtype=jnp.int32), cs.value
+
+
 class Attention(nn.Module):
   """Causal self-attention. Params: q [D,H,Dh], k/v [D,N,Dh], o [H,Dh,D] (+ biases, QK-norm)."""
 
@@ -242,26 +273,10 @@ class Attention(nn.Module):
     q_index_L = jnp.arange(L, dtype=jnp.int32)
     k_index_S, k_segment_BS = q_index_L, segment_ids_BL
     if self.decode:
-      # Cache of keys/values [B, S, N, Dh] and of the segment id of each slot (0 = empty, so
-      # slots not yet written are masked like padding). Its length S is fixed by the input
-      # that created it (see model.init_cache).
-      ck = self.variable("cache", "cached_key", jnp.zeros, (B, L, N, Dh), dtype)
-      cv = self.variable("cache", "cached_value", jnp.zeros, (B, L, N, Dh), dtype)
-      cs = self.variable("cache", "cached_segment", jnp.zeros, (B, L), jnp.int32)
-      if not self.is_initializing():
-        S = ck.value.shape[1]
-        if L > S:
-          raise ValueError(f"decode chunk of length {L} exceeds the cache length {S} "
-                           f"(model.max_len / init_cache max_len)")
-        # Chunks written past the end are clamped by dynamic_update_slice: the caller keeps
-        # index + L <= S (generation stops at the cache length).
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(dtype), (0, cache_index, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(dtype), (0, cache_index, 0, 0))
-        cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids_BL.astype(jnp.int32),
-                                                (0, cache_index))
-        k, v = ck.value, cv.value
-        q_index_L = cache_index + q_index_L
-        k_index_S, k_segment_BS = jnp.arange(S, dtype=jnp.int32), cs.value
+      # Cache of keys/values [B, S, N, Dh] (see `decode_cache`).
+      cached, q_index_L, k_index_S, k_segment_BS = decode_cache(
+          self, {"cached_key": k, "cached_value": v}, segment_ids_BL, cache_index, dtype)
+      k, v = cached["cached_key"], cached["cached_value"]
 
     mask_BLS = attention_mask(q_index_L, k_index_S, segment_ids_BL, k_segment_BS,
                               cfg.sliding_window)

@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe.model.attention import (apply_rope, attention_mask, kernel_init, project,
+from moe.model.attention import (apply_rope, attention_mask, decode_cache, kernel_init, project,
                                  rope_frequencies, softmax_scale)
 from moe.model.config import ModelConfig
 
@@ -137,24 +137,11 @@ class LatentAttention(nn.Module):
     q_index_L = jnp.arange(L, dtype=jnp.int32)
     k_index_S, k_segment_BS = q_index_L, segment_ids_BL
     if self.decode:
-      # The cache holds the latent and the rotated rope key of each slot, and its segment id
-      # (0 = empty, masked like padding); its length S is fixed by the input that created it.
-      cc = self.variable("cache", "cached_latent", jnp.zeros, (B, L, R), dtype)
-      ck = self.variable("cache", "cached_rope_key", jnp.zeros, (B, L, Dr), dtype)
-      cs = self.variable("cache", "cached_segment", jnp.zeros, (B, L), jnp.int32)
-      if not self.is_initializing():
-        S = cc.value.shape[1]
-        if L > S:
-          raise ValueError(f"decode chunk of length {L} exceeds the cache length {S} "
-                           f"(model.max_len / init_cache max_len)")
-        cc.value = jax.lax.dynamic_update_slice(cc.value, c_BLC.astype(dtype), (0, cache_index, 0))
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_rope_BLP.astype(dtype),
-                                                (0, cache_index, 0))
-        cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids_BL.astype(jnp.int32),
-                                                (0, cache_index))
-        c_BLC, k_rope_BLP = cc.value, ck.value
-        q_index_L = cache_index + q_index_L
-        k_index_S, k_segment_BS = jnp.arange(S, dtype=jnp.int32), cs.value
+      # The cache holds the latent and the rotated rope key of each slot (`decode_cache`).
+      cached, q_index_L, k_index_S, k_segment_BS = decode_cache(
+          self, {"cached_latent": c_BLC, "cached_rope_key": k_rope_BLP}, segment_ids_BL,
+          cache_index, dtype)
+      c_BLC, k_rope_BLP = cached["cached_latent"], cached["cached_rope_key"]
 
     # Per-head keys and values re-expanded from the latent (the latent axis contracted).
     k_nope_BSHN = project(c_BLC, self._kernel("k_b_kernel", (R, H, Dn),

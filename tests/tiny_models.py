@@ -9,7 +9,7 @@ import numpy as np
 
 from moe.model.config import ModelConfig
 from moe.layer.config import MoeConfig
-from moe.model.transformer import Transformer
+from moe.model.transformer import Transformer, init_cache
 
 B, L, V = 2, 11, 37
 
@@ -88,6 +88,27 @@ def run(cfg, variables, toks, positions=None, segment_ids=None, rngs=None, **sta
 
 def fwd(cfg, variables, toks, positions=None, segment_ids=None):
   return run(cfg, variables, toks, positions, segment_ids)
+
+
+_DECODE_STEPS = {}
+
+
+def decode_step_by_step(cfg, variables, toks, prefill):
+  """Cached decoding of `toks` [B, L]: a prompt chunk of `prefill` tokens, then one token at a
+  time (jitted once per config). Returns (every step's logits concatenated [B, L, V], the final
+  cache)."""
+  model = Transformer(cfg)
+  if cfg not in _DECODE_STEPS:
+    _DECODE_STEPS[cfg] = jax.jit(lambda rest, c, t: model.apply(
+        {**rest, "cache": c}, t, decode=True, mutable=["cache"]))
+  step = _DECODE_STEPS[cfg]
+  rest = {k: x for k, x in variables.items() if k != "cache"}
+  logits, mut = step(rest, init_cache(model, toks.shape[0]), toks[:, :prefill])
+  outs = [np.asarray(logits)]
+  for t in range(prefill, toks.shape[1]):
+    logits, mut = step(rest, mut["cache"], toks[:, t:t + 1])
+    outs.append(np.asarray(logits))
+  return np.concatenate(outs, axis=1), mut["cache"]
 
 
 DENSE_VARIANTS = {

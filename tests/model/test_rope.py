@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import numpy as np
 import pytest
 
-from tiny_models import B, L, dropless_moe, fwd, init, tiny, tokens
+from tiny_models import decode_step_by_step, dropless_moe, fwd, init, tiny, tokens
 from moe.errors import ConfigError
 from moe.model.attention import rope_frequencies, rope_inv_freq, softmax_scale
 from moe.model.config import validate_model
-from moe.model.transformer import Transformer, init_cache
 
 LLAMA3 = dict(rope_type="llama3", rope_factor=4.0, rope_original_max_len=12,
               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
@@ -93,18 +91,11 @@ def test_scaling_changes_the_function():
                  id="mla_yarn"),
 ])
 def test_cache_decoding_matches_full_forward(cfg):
-  model = Transformer(cfg)
   v = init(cfg)
   toks = tokens(15)
   full = np.asarray(fwd(cfg, v, toks))
-  rest = {k: x for k, x in v.items() if k != "cache"}
-  step = jax.jit(lambda c, t: model.apply({**rest, "cache": c}, t, decode=True, mutable=["cache"]))
-  logits, mut = step(init_cache(model, B), toks[:, :4])
-  outs = [np.asarray(logits)]
-  for t in range(4, L):
-    logits, mut = step(mut["cache"], toks[:, t:t + 1])
-    outs.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5, rtol=1e-5)
+  logits, _ = decode_step_by_step(cfg, v, toks, 4)
+  np.testing.assert_allclose(logits, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw, needles", [

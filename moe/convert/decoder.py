@@ -85,6 +85,28 @@ def common_checks(model: dict) -> list:
           ("model.logits_soft_cap", model.get("logits_soft_cap"), (None,))]
 
 
+def sparse_blocks(hf: dict, num_layers: int) -> list[int]:
+  """The blocks Qwen2-MoE / Qwen3-MoE build as MoE blocks: block i unless it is in
+  `mlp_only_layers` or (i + 1) % `decoder_sparse_step` != 0."""
+  step = int(hf.get("decoder_sparse_step", 1) or 1)
+  dense = set(hf.get("mlp_only_layers") or [])
+  return [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+
+
+def moe_placement(hf: dict, sparse: list[int], num_layers: int, where: str) -> tuple[int, int]:
+  """(first_moe_layer, moe_interval) giving exactly the MoE blocks `sparse` (not empty), or a
+  one-line refusal naming them."""
+  first = sparse[0]
+  interval = sparse[1] - first if len(sparse) > 1 else max(1, num_layers - first)
+  if list(range(first, num_layers, interval)) != sparse:
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    raise ConfigError(f"{where}: MoE blocks at layers {sparse} (decoder_sparse_step="
+                      f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers={dense}) are not "
+                      "every n-th block from one on; model.first_moe_layer / moe_interval "
+                      "cannot express them")
+  return first, interval
+
+
 # ----------------------------------------------------------------------------- tensors
 
 

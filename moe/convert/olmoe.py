@@ -39,20 +39,13 @@ def _moe_fields(hf: dict, E: int, K: int, F: int) -> dict:
 
 def moe_layout(hf: dict, num_layers: int, where: str) -> tuple[int, int]:
   """Qwen3-MoE's sparse blocks -> (first_moe_layer, moe_interval), or a one-line refusal."""
-  step = int(hf.get("decoder_sparse_step", 1) or 1)
-  dense = set(hf.get("mlp_only_layers") or [])
-  sparse = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+  sparse = decoder.sparse_blocks(hf, num_layers)
   if not sparse:
-    raise ConfigError(f"{where}: no MoE block (decoder_sparse_step={step}, mlp_only_layers="
-                      f"{sorted(dense)}); import it as a dense model instead")
-  first = sparse[0]
-  interval = sparse[1] - first if len(sparse) > 1 else num_layers
-  ours = [i for i in range(first, num_layers, interval)]
-  if ours != sparse:
-    raise ConfigError(f"{where}: MoE blocks {sparse} (decoder_sparse_step={step}, "
-                      f"mlp_only_layers={sorted(dense)}) are not every n-th block from one on; "
-                      "model.first_moe_layer / moe_interval cannot express them")
-  return first, interval
+    raise ConfigError(f"{where}: no MoE block (decoder_sparse_step="
+                      f"{int(hf.get('decoder_sparse_step', 1) or 1)}, mlp_only_layers="
+                      f"{sorted(hf.get('mlp_only_layers') or [])}); import it as a dense model "
+                      "instead")
+  return decoder.moe_placement(hf, sparse, num_layers, where)
 
 
 def moe_to_params(hf: dict, t: Tensors, family: str):

@@ -36,26 +36,6 @@ from moe.layer.config import MoeConfig
 from moe.model.config import ModelConfig
 
 
-def sparse_layers(hf: dict, num_layers: int) -> list[int]:
-  """The blocks Qwen2MoeDecoderLayer builds as MoE blocks."""
-  step = int(hf.get("decoder_sparse_step", 1) or 1)
-  only = set(hf.get("mlp_only_layers") or [])
-  if int(hf.get("num_experts", 0) or 0) <= 0:
-    return []
-  return [i for i in range(num_layers) if i not in only and (i + 1) % step == 0]
-
-
-def moe_placement(sparse: list[int], num_layers: int, where: str) -> tuple[int, int]:
-  """(first_moe_layer, moe_interval) giving exactly these MoE blocks, or a one-line refusal."""
-  first = sparse[0]
-  interval = sparse[1] - first if len(sparse) > 1 else max(1, num_layers - first)
-  if [i for i in range(first, num_layers, interval)] != sparse:
-    raise ConfigError(f"{where}: mlp_only_layers / decoder_sparse_step put MoE blocks at layers "
-                      f"{sparse}, not every n-th block from one block on (model.first_moe_layer, "
-                      "model.moe_interval); not supported")
-  return first, interval
-
-
 def _moe_in(t: Tensors, m: str, D: int, E: int, F: int, Fs: int) -> dict:
   out = decoder.import_moe(t, m, D, E, F)
   shared = decoder.import_swiglu(t, m + "shared_expert.", D, Fs)
@@ -75,12 +55,12 @@ def qwen2_moe_to_params(hf: dict, t: Tensors):
                       "per-layer sliding window)")
   model = decoder.shape_fields(hf, where, theta=1e6)
   D, L, Fd = model["d_model"], model["num_layers"], model["d_ff"]
-  sparse = sparse_layers(hf, L)
+  sparse = decoder.sparse_blocks(hf, L) if int(hf.get("num_experts", 0) or 0) > 0 else []
   if sparse:
     E, K = _need(hf, "num_experts", where), _need(hf, "num_experts_per_tok", where)
     F = _need(hf, "moe_intermediate_size", where)
     Fs = int(hf.get("shared_expert_intermediate_size", 0) or 0)
-    first, interval = moe_placement(sparse, L, where)
+    first, interval = decoder.moe_placement(hf, sparse, L, where)
   else:
     first, interval = 0, 1
   model.update(qkv_bias=bool(hf.get("qkv_bias", True)), moe_interval=interval,

@@ -80,7 +80,7 @@ def test_qwen3_moe_sparse_step(tmp_path):
 
 
 @pytest.mark.parametrize("make, needle", [
-    (lambda: qwen3_moe(num_hidden_layers=4, mlp_only_layers=[2]), "MoE blocks [0, 1, 3]"),
+    (lambda: qwen3_moe(num_hidden_layers=4, mlp_only_layers=[2]), "MoE blocks at layers [0, 1, 3]"),
     (lambda: qwen3_moe(mlp_only_layers=[0, 1]), "no MoE block"),
     (lambda: olmoe(clip_qkv=8.0), "clip_qkv=8.0"),
     (lambda: qwen3_moe(attention_bias=True), "attention_bias=True"),

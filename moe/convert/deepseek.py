@@ -167,12 +167,6 @@ def deepseek_v2_to_params(hf: dict, t: Tensors):
 # ----------------------------------------------------------------------------- export
 
 
-def _check(where: str, checks) -> None:
-  for name, have, want in checks:
-    if have != want:
-      raise ConfigError(f"{where}: {name}={have!r} has no equivalent there (needs {want!r})")
-
-
 def _export_checks(model: dict, moe: dict, version: int) -> None:
   where = f"--to_hf (DeepSeek-V{version})"
   if moe is None or not moe.get("enabled", True):
@@ -201,7 +195,8 @@ def _export_checks(model: dict, moe: dict, version: int) -> None:
                ("model.rope_interleave", model.get("rope_interleave", False), True)]
     if g("num_groups", 1) > 1:
       checks.append(("moe.group_score", g("group_score", "max"), "max"))
-  _check(where, checks)
+  decoder.refuse_unless(where, f"DeepSeek-V{version}",
+                        [(name, have, (want,)) for name, have, want in checks])
   S, F = g("num_shared_experts", 0), moe["expert_hidden"]
   width = S * (g("shared_expert_hidden") or F)
   if width % F:

@@ -12,8 +12,12 @@ Export writes the run's tokenizer beside the model, so `transformers.AutoTokeniz
   `data.tokenizer`): its files, copied;
 - the byte tokenizer: `tokenizer.json` built by `moe.data.tokenizers.byte_tokenizer_json` (the
   same ids as `ByteTokenizer`, BOS prepended as in training);
-- SentencePiece, or an import that came without a tokenizer.json: no tokenizer is written
-  (the command's output says so);
+- SentencePiece: `tokenizer.json` built by `moe.data.tokenizers.sentencepiece_tokenizer_json`
+  from the run's model (the one the data pipeline cached in the run's data dir,
+  `moe.data.pipeline.make_tokenizer`; checked against summary.json's `data.tokenizer_key` when
+  the run wrote one): the ids `SentencePieceTokenizer` gives, BOS prepended as in training;
+- an import that came without a tokenizer.json: no tokenizer is written (the command's output
+  says so);
 plus a `tokenizer_config.json` when the source had none and a `generation_config.json`
 (bos / eos / pad ids, the ones config.json gets too).
 """
@@ -24,7 +28,8 @@ import os
 
 from moe import rundir
 from moe.data import tokenizers
-from moe.rundir import CONFIG_FILE, HF_TOKENIZER_DIR, write_json_atomic
+from moe.errors import ConfigError
+from moe.rundir import CONFIG_FILE, HF_TOKENIZER_DIR, SUMMARY_FILE, write_json_atomic
 
 CARRIED = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -84,6 +89,11 @@ def export_tokenizer(workdir: str, run_config: dict, out_dir: str, config: dict)
     rundir.write_text_atomic(rundir.join(out_dir, tokenizers.TOKENIZER_JSON),
                              tokenizers.byte_tokenizer_json())
     what = "the byte tokenizer as tokenizer.json"
+  elif spec == "sentencepiece":
+    tok, key = _run_sentencepiece(workdir, run_config)
+    rundir.write_text_atomic(rundir.join(out_dir, tokenizers.TOKENIZER_JSON),
+                             tokenizers.sentencepiece_tokenizer_json(tok.model_proto))
+    what = f"the SentencePiece tokenizer ({key}) as tokenizer.json"
   else:
     return f"no tokenizer (data.tokenizer={spec!r} has no tokenizer.json form)"
   config["bos_token_id"], config["eos_token_id"] = tok.bos_id, tok.eos_id
@@ -96,6 +106,31 @@ def export_tokenizer(workdir: str, run_config: dict, out_dir: str, config: dict)
                       {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                        "pad_token_id": tok.pad_id}, indent=1, default=None)
   return what
+
+
+def _run_sentencepiece(workdir: str, run_config: dict):
+  """(SentencePieceTokenizer, key) of the run in `workdir`: its data group's model, which must be
+  the one its summary.json names when there is one (a one-line ConfigError otherwise)."""
+  import ml_collections
+  from moe.data import pipeline
+  d = ml_collections.ConfigDict(run_config["data"])
+  try:
+    pipeline.validate_data(d)
+  except AttributeError as e:
+    raise ConfigError(f"{rundir.join(workdir, CONFIG_FILE)}: its data group is incomplete ({e}); "
+                      "pass --config=<the config file the run was trained with>") from None
+  tok, key = pipeline.make_tokenizer(d, workdir=workdir)
+  summary = rundir.join(workdir, SUMMARY_FILE)
+  if rundir.exists(summary):
+    try:
+      trained = (rundir.load_json(summary, "summary").get("data") or {}).get("tokenizer_key")
+    except (ValueError, AttributeError):
+      trained = None
+    if trained is not None and trained != key:
+      raise ConfigError(f"data.tokenizer='sentencepiece': the model in the data dir is {key}, not "
+                        f"the {trained} the run trained with ({summary}); set "
+                        "data.tfds_data_dir to the data dir the run used")
+  return tok, key
 
 
 def _tokenizer_config(tok) -> dict:

@@ -302,6 +302,29 @@ def _eval_batches(rows: PackedRows, num: int, global_batch: int, local: int,
   return out
 
 
+def _local_data_dir(d, workdir: str) -> str:
+  """The data folder of data group `d` (`data_dir_for`), created; remote: a one-line error."""
+  data_dir = data_dir_for(d.tfds_data_dir, workdir)
+  if rundir.is_remote(data_dir):
+    field = "data.tfds_data_dir" if d.tfds_data_dir else "TFDS_DATA_DIR"
+    raise ConfigError(f"{field}={data_dir!r} must be a local folder (the prepared rows are "
+                      "memory-mapped); leave it empty for a local cache")
+  os.makedirs(data_dir, exist_ok=True)
+  return data_dir
+
+
+def make_tokenizer(d, *, workdir: str):
+  """(tokenizer, key) of the checked data group `d` for a run in `workdir`: the one `make_data`
+  gives, without packing rows (SentencePiece: the model cached in the data dir, trained there
+  first when missing). `key` names it in the packed rows' folder and in summary.json's
+  `data.tokenizer_key` (`sp<vocab>-<digest of the model>`)."""
+  data_dir = _local_data_dir(d, workdir)
+  source = sources.load_source(d.name, text_dir=d.text_dir,
+                                validation_fraction=float(d.validation_fraction),
+                                data_dir=data_dir)
+  return _make_tokenizer(d, source, data_dir)
+
+
 def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int = 1) -> Data:
   """Prepares (once, cached in the data dir) and opens the data of `cfg.data`.
 
@@ -309,12 +332,7 @@ def make_data(cfg, *, workdir: str, process_index: int = 0, process_count: int =
   `train.batch_size` a multiple of `process_count`; errors found only while preparing (an
   unknown dataset, an empty split) are one-line ConfigErrors too."""
   d, t = cfg.data, cfg.train
-  data_dir = data_dir_for(d.tfds_data_dir, workdir)
-  if rundir.is_remote(data_dir):
-    field = "data.tfds_data_dir" if d.tfds_data_dir else "TFDS_DATA_DIR"
-    raise ConfigError(f"{field}={data_dir!r} must be a local folder (the prepared rows are "
-                      "memory-mapped); leave it empty for a local cache")
-  os.makedirs(data_dir, exist_ok=True)
+  data_dir = _local_data_dir(d, workdir)
   start = time.perf_counter()
   source = sources.load_source(d.name, text_dir=d.text_dir,
                                 validation_fraction=float(d.validation_fraction),

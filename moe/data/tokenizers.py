@@ -6,6 +6,10 @@ has its own, and may have no BOS); all three expose `encode(str) -> list[int]`,
 `decode(ids) -> str`, `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `num_bytes(ids)` (the UTF-8
 bytes the tokens stand for, 0 for special tokens) and `bytes_per_id` (that count per vocabulary id,
 a float32 numpy table) for bits per byte.
+
+Export (`python -m moe.convert --to_hf`, `moe.convert.tokenizer_files`): `byte_tokenizer_json` and
+`sentencepiece_tokenizer_json` write the byte and SentencePiece tokenizers as Hugging Face
+tokenizer.json files that encode to the same ids (BOS prepended as in training).
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class SentencePieceTokenizer:
 
   def num_bytes(self, ids: Sequence[int]) -> int:
     return int(self.bytes_per_id[np.asarray(ids, dtype=np.int64)].sum())
+
+  def id_to_token(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, *,
@@ -300,6 +307,84 @@ def byte_tokenizer_json() -> str:
   tok.post_processor = processors.TemplateProcessing(
       single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)])
   return tok.to_str()
+
+
+def sentencepiece_tokenizer_json(model_proto: bytes) -> str:
+  """A `train_sentencepiece` model as a Hugging Face tokenizer.json that encodes to the ids
+  `SentencePieceTokenizer.encode` gives and decodes them back to the same text:
+
+  - a BPE model over the pieces' ids whose merges are every split of a normal piece into two
+    pieces, ranked by the merged piece's score (SentencePiece merges the adjacent pair whose
+    concatenation is the best-scored piece), `byte_fallback` onto the `<0xNN>` pieces;
+  - spaces as "▁" (Metaspace, no prefix space: no dummy prefix, whitespace kept) and, with
+    `split_digits`, the digits SentencePiece splits (0-9 and fullwidth ０-９) isolated;
+  - "\\n" (a user-defined piece) an added token, the control pieces (`<pad>` `<s>` `</s>`, and
+    `<unk>`) special tokens; BOS prepended when special tokens are added, as documents start in
+    training (`document`);
+  - a decoder that turns "▁" back into spaces and byte pieces into their characters.
+
+  Where it differs from SentencePiece: a text holding a control piece's text literally ("<s>")
+  gets the special id (SentencePiece encodes its characters), as every Hugging Face tokenizer
+  does with its special tokens; decoding byte pieces that are not valid UTF-8 (never produced by
+  encoding a text) puts U+FFFD for each byte of the broken run where SentencePiece keeps the
+  valid ones; and in principle a tie SentencePiece breaks by position (two overlapping pairs
+  forming the same piece through different splits) is broken by merge rank here, which no test
+  text has shown (tests/data/test_sentencepiece_export.py). A model trained with other
+  settings than `train_sentencepiece`'s is a ValueError naming the setting."""
+  from sentencepiece import sentencepiece_model_pb2
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import processors
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(model_proto)
+  _check_sentencepiece_settings(m)
+  kind = sentencepiece_model_pb2.ModelProto.SentencePiece
+  vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=_sentencepiece_merges(m.pieces, kind),
+                             unk_token=m.pieces[m.trainer_spec.unk_id].piece, fuse_unk=False,
+                             byte_fallback=True))
+  tok.add_tokens([AddedToken(p.piece, special=p.type != kind.USER_DEFINED, normalized=False)
+                  for p in m.pieces if p.type in (kind.CONTROL, kind.UNKNOWN, kind.USER_DEFINED)])
+  splits = [pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)]
+  if m.trainer_spec.split_digits:
+    splits.append(pre_tokenizers.Split(Regex("[0-9\uff10-\uff19]"), behavior="isolated"))
+  tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  bos = m.pieces[m.trainer_spec.bos_id].piece
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, m.trainer_spec.bos_id)])
+  return tok.to_str()
+
+
+def _check_sentencepiece_settings(m) -> None:
+  """ValueError unless model proto `m` has the settings `sentencepiece_tokenizer_json` mirrors."""
+  t, n = m.trainer_spec, m.normalizer_spec
+  wanted = {"model_type": (t.model_type, t.BPE), "byte_fallback": (t.byte_fallback, True),
+            "treat_whitespace_as_suffix": (t.treat_whitespace_as_suffix, False),
+            "add_dummy_prefix": (n.add_dummy_prefix, False),
+            "remove_extra_whitespaces": (n.remove_extra_whitespaces, False),
+            "escape_whitespaces": (n.escape_whitespaces, True),
+            "normalization (precompiled_charsmap empty)": (bool(n.precompiled_charsmap), False)}
+  for name, (got, want) in wanted.items():
+    if got != want:
+      raise ValueError(f"SentencePiece model with {name}={got!r} has no tokenizer.json form here "
+                       f"(train_sentencepiece sets {want!r})")
+
+
+def _sentencepiece_merges(pieces, kind) -> list[tuple[str, str]]:
+  """Every (left, right) pair of pieces whose concatenation is a normal piece, best-scored merged
+  piece first (ties: the piece's id, then the split point), as SentencePiece's BPE merges."""
+  ids = {p.piece: i for i, p in enumerate(pieces) if p.type in (kind.NORMAL, kind.USER_DEFINED)}
+  ranked = []
+  for i, p in enumerate(pieces):
+    if p.type != kind.NORMAL:
+      continue
+    for k in range(1, len(p.piece)):
+      left, right = p.piece[:k], p.piece[k:]
+      if left in ids and right in ids:
+        ranked.append((-p.score, i, k, left, right))
+  ranked.sort()
+  return [(left, right) for *_, left, right in ranked]
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -45,7 +45,7 @@ def get_config():
                     "expected to be within seed noise here)",
            "source": "Switch Table 1, ST-MoE Table 8", "order": [idx(2, 1.25), idx(1, 1.25)]},
           {"claim": "the dropped-assignment fraction falls as the capacity factor grows "
-                    "(mechanism check)",
+                    "(mechanism check)", "mechanism": True,
            "source": "definition of capacity (Switch Sec. 2.2)", "metric": "moe/dropped_fraction",
            "order": [idx(1, cf) for cf in (2.0, 1.25, 1.0, 0.75)]},
       ],

@@ -1,11 +1,13 @@
-"""The report of a sweep: table.md, table.csv and plot.png, rebuilt from the files alone.
+"""The report of a sweep: table.md, table.csv, runs.csv and plot.png, rebuilt from the files alone.
 
     python -m moe.sweep.report --workdir=runs/<table>
 
 reads `<workdir>/sweep.json` (written by `moe.sweep.runner.run`) and every run's `summary.json`,
 `metrics.jsonl`, `eval_<name>.json` and `sweep_run.json`. Runs that are missing, failed or
 diverged are shown as such. Means and standard deviations are over the completed seeds of a member
-(sample std, ddof=1; a single seed has no std). Imports neither jax nor the trainer.
+(sample std, ddof=1; a single seed has no std). `runs.csv` keeps every (member, seed) run's values,
+so anyone can recompute a verdict; the verdicts themselves (paired tests, Holm) are
+`moe/sweep/verdicts.py`. Imports neither jax nor the trainer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 from moe.errors import ConfigError
 from moe.rundir import (METRICS_FILE, RUN_INFO_FILE, SUMMARY_FILE, SWEEP_FILE, eval_file, isdir,
                         join, read_json, read_metrics, replacing, write_text_atomic)
+from moe.sweep import verdicts
+from moe.sweep.claims import STABLE, parse_metric
 from moe.sweep.spec import describe_overrides
 
 # What collect() reads from sweep.json.
@@ -38,13 +42,8 @@ COLUMNS = [
     ("z_loss", "router z-loss", ".3g"),
     ("tokens_per_s", "tokens/s", ".0f"),
 ]
-STABLE = "stable_fraction"  # derived: 1 per completed seed, 0 per diverged seed
-VERDICT_RULE = (
-    "Published orderings are checked pair by pair (a published better than b). With d the "
-    "difference of the means in the published direction and s = sqrt(std_a^2 + std_b^2) (the "
-    "sample stds over seeds; 0 for a single seed): **holds** when d > s, **reversed** when "
-    "d < -s, **not resolved** when |d| <= s (the gap is within the seed spread). '(1 seed)' marks "
-    "a verdict without any spread estimate; 'n/a' means a member has no completed run.")
+# Every run's status and values, one row per (member, seed), beside table.md.
+RUNS_FILE = "runs.csv"
 
 
 def _finite(v) -> float | None:
@@ -109,19 +108,6 @@ def member_stats(runs: list[dict], key: str, extra: str | None = None):
   return mean_std([_finite((r["extra"].get(extra) or {}).get(key)) for r in ok])
 
 
-def compare(a, b, higher_is_better: bool) -> tuple[str, float | None, float | None]:
-  """Verdict for 'a is better than b' from (mean, std, n) stats; see VERDICT_RULE."""
-  (ma, sa, na), (mb, sb, nb) = a, b
-  if na == 0 or nb == 0:
-    return "n/a", None, None
-  d = (ma - mb) if higher_is_better else (mb - ma)
-  s = math.sqrt((sa or 0.0) ** 2 + (sb or 0.0) ** 2)
-  verdict = "holds" if d > s else ("reversed" if d < -s else "not resolved")
-  if na == 1 or nb == 1:
-    verdict += " (1 seed)"
-  return verdict, d, s
-
-
 def status_text(runs: list[dict]) -> str:
   counts = {}
   for r in runs:
@@ -161,9 +147,11 @@ def collect(workdir: str) -> dict:
     raise ConfigError(f"{path} is not a sweep file written by moe.sweep (no {missing[0]!r})")
   metric = sweep["metric"]
   keys = [k for k, _, _ in COLUMNS]
-  for k in [metric] + [p["metric"] for p in sweep["published"]]:
-    if k not in keys and k != STABLE:
-      keys.append(k)
+  refs = [metric] + [p.get("metric", metric) for p in sweep["published"]]
+  for ref in refs:
+    for _, k, _ in ([] if ref == STABLE else parse_metric(ref)):
+      if k not in keys:
+        keys.append(k)
   eval_names = [e["name"] for e in sweep["eval_overrides"]]
   members = []
   for m in sweep["members"]:
@@ -172,31 +160,22 @@ def collect(workdir: str) -> dict:
     for r, s in zip(runs, sweep["seeds"]):
       r["seed"] = s
     members.append({"name": m["name"], "overrides": m["overrides"], "runs": runs})
-  by_name = {m["name"]: m for m in members}
-  orderings = []
-  for i, p in enumerate(sweep["published"]):
-    label = chr(ord("A") + i) if i < 26 else f"P{i}"
-    pairs = []
-    for a, b in zip(p["order"], p["order"][1:]):
-      sa = member_stats(by_name[a]["runs"], p["metric"])
-      sb = member_stats(by_name[b]["runs"], p["metric"])
-      verdict, d, s = compare(sa, sb, p["higher_is_better"])
-      pairs.append({"better": a, "worse": b, "verdict": verdict, "d": d, "s": s,
-                    "better_stats": sa, "worse_stats": sb})
-    orderings.append({**p, "label": label, "pairs": pairs})
+  claims = verdicts.evaluate(members, sweep["published"], metric, sweep["higher_is_better"])
   return {"sweep": sweep, "metric": metric, "keys": keys, "members": members,
-          "orderings": orderings, "eval_names": eval_names}
+          "claims": claims, "eval_names": eval_names}
 
 
 def _published_cells(data: dict, name: str) -> tuple[str, str]:
+  """(rank of the member in each claim's order, the verdicts of the tests it leads)."""
   rank, held = [], []
-  for o in data["orderings"]:
-    if name not in o["order"]:
+  for c in data["claims"]:
+    if name not in c["order"]:
       continue
-    i = o["order"].index(name)
-    rank.append(f"{o['label']}: {i + 1}/{len(o['order'])}")
-    if i < len(o["pairs"]):
-      held.append(f"{o['label']}: {o['pairs'][i]['verdict']} vs {o['pairs'][i]['worse']}")
+    rank.append(f"{c['label']}: {c['order'].index(name) + 1}/{len(c['order'])}")
+    for t in c["tests"]:
+      if t["members"][0] == name:
+        other = "trend" if c["kind"] == "trend" else f"vs {t['members'][1]}"
+        held.append(f"{c['label']}: {t['verdict']} {other}")
   return "; ".join(rank) or "—", "; ".join(held) or "—"
 
 
@@ -208,7 +187,8 @@ def _columns(data: dict) -> list[tuple[str, str, str, str | None]]:
     cols.append((metric, f"{cols[0][1]} @ {name}", _fmt(metric), name))
     cols.append(("eval_moe/dropped_fraction", f"dropped frac (eval) @ {name}", ".4f", name))
   cols += [(k, h, f, None) for k, h, f in COLUMNS if k != metric]
-  extra_pub = {o["metric"] for o in data["orderings"]} - {c[0] for c in cols}
+  extra_pub = {c["metric"] for c in data["claims"] if c["metric"] == STABLE or (
+      "@" not in c["metric"] and " - " not in c["metric"])} - {c[0] for c in cols}
   cols += [(k, "stable seeds" if k == STABLE else k, ".2f" if k == STABLE else ".4g", None)
            for k in sorted(extra_pub)]
   return cols
@@ -262,24 +242,8 @@ def render_markdown(data: dict, generated: str) -> str:
       + ("" if avail else
          " — NOT RUN: the trainer has no `moe.train.trainer.evaluate(cfg, workdir)`"))
   w()
-  if data["orderings"]:
-    w("## Published orderings")
-    w()
-    for o in data["orderings"]:
-      better = "higher" if o["higher_is_better"] else "lower"
-      w(f"**{o['label']}.** {o['claim']} ({o['source']}). Metric `{o['metric']}`, {better} is "
-        f"better; published order, best first: {' > '.join(o['order'])}.")
-      w()
-      for p in o["pairs"]:
-        fmt = _fmt(o["metric"])
-        if p["d"] is None:
-          w(f"- {p['better']} vs {p['worse']}: **n/a** (no completed run of one of them)")
-          continue
-        w(f"- {p['better']} vs {p['worse']}: **{p['verdict']}** (gap in the published direction "
-          f"{format(p['d'], fmt)}, combined std {format(p['s'], fmt)})")
-      w()
-    w(VERDICT_RULE)
-    w()
+  for line in verdicts.render(data["claims"], _fmt):
+    w(line)
   if sw.get("notes"):
     w("## Notes")
     w()
@@ -315,6 +279,27 @@ def render_csv(data: dict) -> str:
       mean, std, n = member_stats(m["runs"], key, extra)
       row += ["" if mean is None else repr(mean), "" if std is None else repr(std), n]
     wr.writerow(row + list(_published_cells(data, m["name"])))
+  return out.getvalue()
+
+
+def render_runs_csv(data: dict) -> str:
+  """One row per (member, seed): status, every reported metric, every extra evaluation's
+  metrics (`<key>@<evaluation>`) and the wall time; empty cells for values not logged."""
+  runs = [(m["name"], r) for m in data["members"] for r in m["runs"]]
+  extra_cols = []
+  for name in data["eval_names"]:
+    found = sorted({k for _, r in runs for k in (r["extra"].get(name) or {})})
+    extra_cols += [(k, name) for k in found]
+  out = io.StringIO()
+  wr = csv.writer(out)
+  wr.writerow(["member", "seed", "status"] + data["keys"] + [STABLE]
+              + [f"{k}@{n}" for k, n in extra_cols] + ["wall_s"])
+  cell = lambda v: "" if _finite(v) is None else repr(float(v))  # noqa: E731
+  for name, r in runs:
+    row = [name, r["seed"], r["status"]] + [cell(r["values"].get(k)) for k in data["keys"]]
+    row.append(cell(r["values"].get(STABLE)))
+    row += [cell((r["extra"].get(n) or {}).get(k)) for k, n in extra_cols]
+    wr.writerow(row + [cell(r.get("wall_s"))])
   return out.getvalue()
 
 
@@ -378,12 +363,14 @@ def render_plot(data: dict, path: str) -> None:
 
 
 def write_report(workdir: str, generated: str | None = None) -> dict:
-  """Writes table.md, table.csv and plot.png into the sweep's workdir; returns their paths."""
+  """Writes table.md, table.csv, runs.csv and plot.png into the sweep's workdir; returns their
+  paths."""
   data = collect(workdir)
   generated = generated or datetime.datetime.now().isoformat(timespec="seconds")
-  paths = {n: join(workdir, n) for n in ("table.md", "table.csv", "plot.png")}
+  paths = {n: join(workdir, n) for n in ("table.md", "table.csv", RUNS_FILE, "plot.png")}
   write_text_atomic(paths["table.md"], render_markdown(data, generated))
   write_text_atomic(paths["table.csv"], render_csv(data))
+  write_text_atomic(paths[RUNS_FILE], render_runs_csv(data))
   with replacing(paths["plot.png"]) as tmp:  # keeps .png: matplotlib picks the format from it
     render_plot(data, tmp)
   return paths

@@ -16,8 +16,11 @@ Format (built by `configs/ablations/*.py`, see `configs/ablations/_base.py` for 
   cfg.sweep.scales           list of {"name": scale, "overrides": {...}} applied before the members
   cfg.sweep.eval_overrides   list of {"name": ..., "overrides": {...}}: extra evaluations of each
                              finished checkpoint (e.g. at eval capacity factor 2.0)
-  cfg.sweep.published        list of orderings {"claim", "source", "metric", "higher_is_better",
-                             "order": [member index or name, best first]}
+  cfg.sweep.published        list of claims {"claim", "source", "order": [member index or name,
+                             best first], + optional "kind" (order | trend | no_worse |
+                             stability), "metric", "higher_is_better", "published" (the paper's
+                             numbers), "effect", "margin", "mechanism"}: the format and its
+                             checks are `moe/sweep/claims.py`, the tests `moe/sweep/stats.py`
   cfg.sweep.notes            list of strings printed under the table (caveats)
   cfg.sweep.smoke            True: CI smoke mode (2 members, 1 seed, tiny model, a few steps)
   cfg.sweep.smoke_members    indices of the members the smoke mode keeps
@@ -40,6 +43,7 @@ from typing import Any
 
 from moe import rundir
 from moe.errors import ConfigError, check_int
+from moe.sweep.claims import check_claim, smoke_claim
 
 SCALES = ("cpu", "accelerator")
 
@@ -92,7 +96,7 @@ class Sweep:
   seeds: list
   members: list  # [Member]
   eval_overrides: list  # [{"name", "overrides"}]
-  published: list  # [{"claim", "source", "metric", "higher_is_better", "order": [names]}]
+  published: list  # [claim dicts, moe.sweep.claims.FIELDS, "order" as member names]
   notes: list
   runs: list  # [Run], seed-major
 
@@ -292,31 +296,10 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
       raise ConfigError(f"{what}: name {m.name!r} is already used by another member")
     members.append(m)
 
-  published = []
-  by_name = {m.name: m for m in members}
-  for i, pub in enumerate(_as_list(get("published", []), "published")):
-    what = f"sweep.published[{i}]"
-    need = {"claim", "source", "order"}
-    if not isinstance(pub, dict) or not need <= set(pub) or not set(pub) <= need | {
-        "metric", "higher_is_better"}:
-      raise ConfigError(f"{what} must be a dict with keys {sorted(need)} (+ optional metric, "
-                        f"higher_is_better), got {pub!r}")
-    order = []
-    for ref in _as_list(pub["order"], f"published[{i}].order"):
-      if isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < len(members):
-        order.append(members[ref].name)
-      elif isinstance(ref, str) and ref in by_name:
-        order.append(ref)
-      else:
-        raise ConfigError(f"{what}.order: {ref!r} is neither a member index (0..{len(members)-1}) "
-                          f"nor a member name ({sorted(by_name)})")
-    if len(order) < 2 or len(set(order)) != len(order):
-      raise ConfigError(f"{what}.order must list at least two distinct members, got {order}")
-    published.append({"claim": str(pub["claim"]), "source": str(pub["source"]),
-                      "metric": str(pub.get("metric", metric)),
-                      "higher_is_better": bool(pub.get("higher_is_better",
-                                                       get("higher_is_better", False))),
-                      "order": order})
+  published = [check_claim(pub, i, [m.name for m in members], metric,
+                           bool(get("higher_is_better", False)),
+                           [e["name"] for e in eval_overrides])
+               for i, pub in enumerate(_as_list(get("published", []), "published"))]
 
   if smoke:
     keep = _as_list(get("smoke_members", [0, 1]), "smoke_members")
@@ -326,9 +309,7 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
     members = [members[k] for k in keep][:2]
     seeds = seeds[:1]
     names = {m.name for m in members}
-    published = [p for p in published if sum(n in names for n in p["order"]) >= 2]
-    for p in published:
-      p["order"] = [n for n in p["order"] if n in names]
+    published = [p for p in (smoke_claim(p, names) for p in published) if p is not None]
 
   if workdir is not None and "data" in base and base.data.get("tfds_data_dir", None) == "":
     # The members share the data folder a single run in the sweep's workdir would use (a local

@@ -1,4 +1,4 @@
-"""The sweep report on hand-made result files: means/stds, statuses, verdicts, the three files."""
+"""The sweep report on hand-made result files: means/stds, statuses, verdicts, runs.csv, the files."""
 
 import csv
 import json
@@ -49,7 +49,8 @@ def sweep_dir(tmp_path):
       "command": "python launch.py --config=configs/ablations/x.py --workdir=runs/x",
       "published": [
           {"claim": "b beats a", "source": "S1", "metric": "eval_cross_entropy",
-           "higher_is_better": False, "order": ["b", "a"]},
+           "higher_is_better": False, "order": ["b", "a"], "effect": 0.1,
+           "published": "0.1 nats"},
           {"claim": "a beats e", "source": "S2", "metric": "eval_cross_entropy",
            "higher_is_better": False, "order": ["a", "e"]},
           {"claim": "e beats a", "source": "S3", "metric": "eval_cross_entropy",
@@ -108,17 +109,25 @@ def test_markdown_means_stds_statuses_and_verdicts(sweep_dir):
   assert col("d", "runs") == "3 missing" and col("d", "eval CE (nats)") == "missing"
   assert col("e", "runs") == "1 completed, 1 incomplete, 1 missing"
   assert col("e", "eval CE (nats)") == "2.0000 (n=1)"
-  # Published orderings: b vs a: d = 1.2 - 0.55 = 0.65 > s = sqrt(0.04 + 0.005) -> holds.
-  assert "- b vs a: **holds** (gap in the published direction 0.6500, combined std 0.2121)" in text
-  assert "- a vs e: **holds (1 seed)** (gap in the published direction 0.8000" in text
-  assert "- e vs a: **reversed (1 seed)** (gap in the published direction -0.8000" in text
-  assert "- a vs c: **n/a**" in text
-  # stable: a 1/1/1, b 1/1/0: d = 1/3 < s = sqrt(0 + 1/3) -> not resolved.
-  assert "- a vs b: **not resolved**" in text
+  # Claims: paired by seed. b vs a over seeds 0, 1 (b diverged on 2): d = 0.5, 0.6, mean 0.55,
+  # sd 0.0707, t = 11 with df 1: p = 1/2 - atan(11)/pi = 0.0289; Holm over the two published
+  # tests with a p (A and E; B, C have one seed, D none): 2 * 0.0289 = 0.058 > 0.05. The
+  # published 0.1 is below the MDE at 2 seeds: not testable.
+  assert "| b > a | 2 | 0.5500 [" in text
+  assert f"| {0.5 - math.atan(11) / math.pi:.3f} | {2 * (0.5 - math.atan(11) / math.pi):.3f} |" \
+      in text
+  assert "Published: 0.1 nats; published effect: 0.1000. Verdict: **not testable at this " \
+         "scale**." in text
+  # a vs e on their one shared seed (0): 2.0 - 1.0, not the 0.8 of the unpaired means.
+  assert "| a > e | 1 | 1.0000 | — | — | none at this n | — | — | **not resolved** |" in text
+  assert "| e > a | 1 | -1.0000 |" in text
+  assert "| a > c | 0 | — |" in text and "Verdict: **n/a**" in text
+  # stable: a 3/3, b diverged once: one discordant seed, exact p = 1/2.
+  assert "| a > b | 3 | 0.33 (diverged: 0/3 vs 1/3) | 0.500 | 0.500 |" in text
   assert col("b", "published rank") == "A: 1/2; E: 2/2"
-  assert col("b", "held here") == "A: holds vs a"
-  assert col("a", "held here") == "B: holds (1 seed) vs e; D: n/a vs c; E: not resolved vs b"
-  assert "holds** when d > s" in text  # the rule is in the footer
+  assert col("b", "held here") == "A: not testable at this scale vs a"
+  assert col("a", "held here") == "B: not resolved vs e; D: n/a vs c; E: not resolved vs b"
+  assert "**Rule.**" in text and "Holm" in text and "noncentral t" in text
   assert "- `c/seed0`: failed: RuntimeError: boom" in text
   assert "- `e/seed1`: incomplete" in text and "- `d/seed2`: missing" in text
 
@@ -154,15 +163,30 @@ def test_curves_use_cross_entropy_when_logged(tmp_path):
       (10, 3.0), (20, 2.5)]
 
 
-def test_compare_rule():
-  assert report.compare((1.0, 0.1, 3), (2.0, 0.1, 3), False)[0] == "holds"
-  assert report.compare((2.0, 0.1, 3), (1.0, 0.1, 3), False)[0] == "reversed"
-  assert report.compare((2.0, 0.1, 3), (1.0, 0.1, 3), True)[0] == "holds"
-  # |d| == s is inside the spread.
-  assert report.compare((1.0, 0.3, 3), (1.5, 0.4, 3), False)[0] == "not resolved"
-  assert report.compare((1.0, None, 1), (1.0, None, 1), False)[0] == "not resolved (1 seed)"
-  assert report.compare((1.0, 0.1, 3), (None, None, 0), False)[0] == "n/a"
+def test_mean_std():
   assert report.mean_std([1.0, float("nan"), 3.0, None]) == (2.0, math.sqrt(2.0), 2)
+  assert report.mean_std([2.0]) == (2.0, None, 1) and report.mean_std([]) == (None, None, 0)
+
+
+def test_runs_csv_has_every_run(sweep_dir):
+  paths = report.write_report(sweep_dir, generated=GENERATED)
+  rows = list(csv.DictReader(open(paths["runs.csv"])))
+  assert [(r["member"], r["seed"]) for r in rows] == [(m, str(s)) for m in "abcde"
+                                                      for s in range(3)]
+  by = {(r["member"], int(r["seed"])): r for r in rows}
+  assert by["a", 1]["status"] == "completed" and float(by["a", 1]["eval_cross_entropy"]) == 1.2
+  assert float(by["a", 2]["moe/dropped_fraction"]) == 0.3 and by["a", 2]["eval_loss"] == ""
+  assert by["b", 2]["status"] == "diverged" and by["b", 2]["eval_cross_entropy"] == ""
+  assert by["b", 2]["stable_fraction"] == "0.0" and by["b", 0]["stable_fraction"] == "1.0"
+  assert by["c", 0]["status"] == "failed" and by["d", 0]["status"] == "missing"
+  assert float(by["a", 0]["wall_s"]) == 10.0
+
+
+def test_old_sweep_file_without_claim_kinds_reads_with_defaults(sweep_dir):
+  """A sweep.json from before the claim kinds: stable_fraction claims are stability tests."""
+  data = report.collect(sweep_dir)
+  assert [c["kind"] for c in data["claims"]] == ["order"] * 4 + ["stability"]
+  assert not any(c["mechanism"] for c in data["claims"])
 
 
 def test_command_line_rewrites_the_report(sweep_dir, capsys):

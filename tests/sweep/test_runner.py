@@ -72,6 +72,11 @@ def quiet(_):
   pass
 
 
+def claim(c, **fields):
+  """Replaces the tiny sweep's claim by one with these extra fields."""
+  c.sweep.published = [{"claim": "k2 better", "source": "x", "order": [1, 0], **fields}]
+
+
 # ----------------------------------------------------------------------------- the six tables
 
 
@@ -129,6 +134,9 @@ def test_table_specifics():
   z = spec.expand(table_config("zloss"))
   assert sum(r.cfg.train.learning_rate > 1e-2 for r in z.runs) == 9
   assert any(p["metric"] == "stable_fraction" for p in z.published)
+  assert all((p["kind"] == "stability") == (p["metric"] == "stable_fraction")
+             for p in z.published)
+  assert [p["mechanism"] for p in cap.published] == [False, False, False, True]
 
 
 @pytest.mark.parametrize("name", TABLES)
@@ -177,6 +185,21 @@ def test_member_names_are_short_stable_slugs():
      "published[0].order"),
     (lambda c: setattr(c.sweep, "eval_overrides",
                        [{"name": "x", "overrides": {"moe.eval_cf": 2.0}}]), "moe.eval_cf"),
+    (lambda c: claim(c, kind="ranking"), "published[0].kind"),
+    (lambda c: claim(c, kind="no_worse"), "published[0].margin"),
+    (lambda c: claim(c, margin=0.01), "published[0].margin is for kind 'no_worse'"),
+    (lambda c: claim(c, kind="trend"), "at least 3 distinct members"),
+    (lambda c: claim(c, effect=-0.1), "published[0].effect must be > 0"),
+    (lambda c: claim(c, effect=[0.1, 0.2]), "list of 1 numbers"),
+    (lambda c: claim(c, effect="big"), "published[0].effect"),
+    (lambda c: claim(c, kind="stability"), "kind 'stability' goes with metric"),
+    (lambda c: claim(c, metric="stable_fraction", kind="order"), "goes with metric"),
+    (lambda c: claim(c, metric="stable_fraction", effect=1.5), "(0, 1]"),
+    (lambda c: claim(c, kind="no_worse", margin=0.01, effect=-0.02), "margin + effect"),
+    (lambda c: claim(c, metric="eval_cross_entropy@nope"), "'nope' is no extra evaluation"),
+    (lambda c: claim(c, metric="a - b - c"), "published[0].metric"),
+    (lambda c: claim(c, mechanism="yes"), "published[0].mechanism"),
+    (lambda c: claim(c, effects=0.1), "published[0] must be a dict with keys"),
     (lambda c: setattr(c.sweep, "colour", "red"), "colour"),
 ])
 def test_bad_sweeps_are_one_line_config_errors_before_training(tmp_path, mutate, needle):
@@ -187,6 +210,33 @@ def test_bad_sweeps_are_one_line_config_errors_before_training(tmp_path, mutate,
     sw.run(c, str(tmp_path), train_fn=fake, log=quiet)
   assert needle in str(e.value) and "\n" not in str(e.value)
   assert fake.calls == [] and not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_claims_of_every_kind_are_accepted_with_defaults():
+  c = tiny_sweep(members=[{"moe.num_selected": k} for k in (1, 2, 3)],
+                 eval_overrides=[{"name": "ecf2", "overrides": {"moe.eval_capacity_factor": 2.0}}])
+  c.sweep.published = [
+      {"claim": "o", "source": "s", "order": [2, 1, 0], "effect": [0.01, 0.02],
+       "published": "1.50 / 1.49 / 1.47"},
+      {"claim": "t", "source": "s", "order": [2, 1, 0], "kind": "trend", "effect": 0.01,
+       "metric": "eval_cross_entropy - eval_cross_entropy@ecf2", "higher_is_better": True},
+      {"claim": "n", "source": "s", "order": ["k1", "k2"], "kind": "no_worse", "margin": 0.02},
+      {"claim": "s", "source": "s", "order": [0, 1], "metric": "stable_fraction",
+       "higher_is_better": True, "effect": 1},
+      {"claim": "m", "source": "s", "order": [1, 0], "mechanism": True,
+       "metric": "moe/dropped_fraction"}]
+  pub = spec.expand(c).published
+  assert [p["kind"] for p in pub] == ["order", "trend", "no_worse", "stability", "order"]
+  assert pub[0]["order"] == ["k3", "k2", "k1"] and pub[0]["effect"] == [0.01, 0.02]
+  assert pub[0]["published"] == "1.50 / 1.49 / 1.47" and pub[2]["published"] == ""
+  assert pub[2]["margin"] == 0.02 and pub[2]["effect"] is None and pub[3]["effect"] == 1.0
+  assert [p["mechanism"] for p in pub] == [False] * 4 + [True]
+  assert not pub[0]["higher_is_better"] and pub[1]["higher_is_better"]
+  # Smoke mode keeps members 0, 1: the trend (3 members) is dropped, the chain's per-pair
+  # effects no longer apply.
+  smoke = spec.expand(spec.smoke_config(c)).published
+  assert [p["claim"] for p in smoke] == ["o", "n", "s", "m"]
+  assert smoke[0]["order"] == ["k2", "k1"] and smoke[0]["effect"] is None
 
 
 def test_same_overrides_in_another_order_are_duplicates():
@@ -227,7 +277,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_members(tmp_path):
   fake3 = FakeTrainer()
   out = sw.run(c, str(tmp_path), train_fn=fake3, log=quiet)
   assert fake3.calls == [] and len(out["skipped"]) == 4
-  for f in ("table.md", "table.csv", "plot.png"):
+  for f in ("table.md", "table.csv", "runs.csv", "plot.png"):
     assert os.path.getsize(tmp_path / f) > 0
   assert "PARTIAL" not in (tmp_path / "table.md").read_text()
 
@@ -288,6 +338,10 @@ def test_extra_evaluations(tmp_path):
   assert got["metrics"] == {"eval_cross_entropy": 1.5}
   text = (tmp_path / "table.md").read_text()
   assert "@ ecf2" in text and "1.5000 ± 0.0000" in text
+  runs = (tmp_path / "runs.csv").read_text().splitlines()
+  assert runs[0].split(",")[-2:] == ["eval_cross_entropy@ecf2", "wall_s"]
+  assert runs[1].startswith("k1,0,completed,") and runs[1].split(",")[-2] == "1.5"
+  assert runs[3].startswith("k2,0,diverged,") and runs[3].split(",")[-2] == ""
   sw.run(c, str(tmp_path), train_fn=FakeTrainer(), eval_fn=fake_eval, log=quiet)
   assert len(seen) == 2  # not re-evaluated
 
@@ -318,7 +372,7 @@ def test_smoke_every_table_through_the_real_trainer(tmp_path, name):
   c.unlock()
   c.data.tfds_data_dir = str(tmp_path / "tfds")
   out = sw.run(c, str(tmp_path / name), log=quiet)
-  for f in ("table.md", "table.csv", "plot.png"):
+  for f in ("table.md", "table.csv", "runs.csv", "plot.png"):
     assert os.path.getsize(tmp_path / name / f) > 0
   assert not out["failed"], (tmp_path / name / "table.md").read_text()
 

@@ -126,8 +126,9 @@ def check_claim(pub, i: int, member_names: list[str], metric: str, higher_is_bet
   need = MIN_MEMBERS[c["kind"]]
   if len(order) < need or len(set(order)) != len(order) or (
       c["kind"] == "no_worse" and len(order) != 2):
-    raise ConfigError(f"{what}.order must list {'exactly' if c['kind'] == 'no_worse' else 'at least'}"
-                      f" {need} distinct members for kind {c['kind']!r}, got {order}")
+    many = "exactly" if c["kind"] == "no_worse" else "at least"
+    raise ConfigError(f"{what}.order must list {many} {need} distinct members for kind "
+                      f"{c['kind']!r}, got {order}")
   try:
     refs = parse_metric(c["metric"])
   except ValueError as e:

@@ -168,7 +168,7 @@ def trend(q_SK: np.ndarray, effect: float | None = None) -> Test:
   if q.ndim != 2 or q.shape[1] < 2:
     raise ValueError(f"trend needs [seeds, members >= 2] values, got shape {q.shape}")
   t = paired(slopes(q) if q.shape[0] else [], effect)
-  return dataclasses.replace(t, detail=f"{q.shape[1]} members")
+  return dataclasses.replace(t, detail=f"slope per member step, {q.shape[1]} members")
 
 
 def no_worse(d: Sequence[float], margin: float, effect: float | None = None) -> Test:

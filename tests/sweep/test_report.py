@@ -1,4 +1,4 @@
-"""The sweep report on hand-made result files: means/stds, statuses, verdicts, runs.csv, the files."""
+"""The sweep report on hand-made result files: means/stds, statuses, verdicts, runs.csv, plot."""
 
 import csv
 import json

@@ -10,12 +10,17 @@ Flags and the config file are read like launch.py's (`moe.cli`: absl flags, `--c
 from the run's `config.json` (every run writes it, `moe.runconfig`); a `--config` given as well
 must agree with it in those groups.
 
-Import reads a local folder (`config.json` + `*.safetensors`, opened with the `safetensors`
-package's `safe_open(path, "numpy")`: no PyTorch) one tensor at a time, in its stored dtype
-(`moe.convert.tensors`): a bfloat16 model stays bfloat16 in the checkpoint (training, evaluation
-and generation restore params as float32), and host memory holds the converted params, the tensor
-being read and the checkpoint writer's buffers (measured in README.md). Export writes `model.safetensors` tensor by tensor in the checkpoint's dtype
-(`--dtype` casts). It writes into WORKDIR:
+Import reads a local folder (`config.json` + `*.safetensors`, read by `moe.convert.tensors`
+one tensor at a time into an array of its own, in its stored dtype, no memory map: no PyTorch):
+a bfloat16 model stays bfloat16 in the checkpoint (training, evaluation and generation restore
+params as float32). Peak host memory is the converted params plus about one converted tensor
+(a stack of experts is filled expert by expert): the checkpoint is written straight from the
+params' numpy arrays, uncompressed (`Checkpointer(reference_host_arrays=True)`; Orbax's default
+would deep-copy every numpy leaf and hold its zstd-encoded chunks until the 2 GiB OCDBT data
+file is written, twice the params), so it takes the safetensors' size on disk (measured in
+README.md, `experiments/convert_memory.py`). Export restores the params (as host arrays) and
+writes `model.safetensors` tensor by tensor in the checkpoint's dtype (`--dtype` casts). It
+writes into WORKDIR:
 
 - `checkpoints/0/`: a checkpoint in the format `moe/checkpoint.py` saves (state item with `step`,
   `params` and, when the model has one, the `moe_bias` collection (DeepSeek-V3's correction
@@ -97,7 +102,7 @@ def read_hf_folder(folder: str) -> tuple[dict, tensors_lib.SafetensorsFiles]:
   model folder."""
   if rundir.is_remote(folder):
     raise ConfigError(f"--from_hf={folder}: give a local folder (the safetensors files are "
-                      "memory-mapped); copy the model down first")
+                      "read with local file reads); copy the model down first")
   cfg_path = os.path.join(folder, CONFIG_JSON)
   if not os.path.isfile(cfg_path):
     raise ConfigError(f"--from_hf={folder}: no config.json there (expected a Hugging Face model "
@@ -171,7 +176,8 @@ def model_groups(model: dict, moe: dict | None) -> dict:
 def save_checkpoint(workdir: str, params, moe_bias=None) -> str:
   """Writes `params` (and the `moe_bias` collection, when not empty) as step 0 in
   `workdir/checkpoints` (moe.train.checkpoint's format), each param in its own dtype (loading
-  for training casts to the model's float32)."""
+  for training casts to the model's float32), straight from the params' arrays (no copy of
+  them; uncompressed): they must not change until this returns."""
   directory = rundir.join(workdir, CHECKPOINTS_DIR)
   if rundir.isdir(directory) and any(p.name.isdigit() for p in epath.Path(directory).iterdir()):
     raise ConfigError(f"--to={workdir} already holds checkpoints; convert into a fresh folder")
@@ -179,7 +185,7 @@ def save_checkpoint(workdir: str, params, moe_bias=None) -> str:
            "params": jax.tree.map(np.asarray, params)}
   if moe_bias:
     state["moe_bias"] = jax.tree.map(lambda x: np.asarray(x, np.float32), moe_bias)
-  ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
+  ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False, reference_host_arrays=True)
   ck.save(0, state, {})
   ck.close()
   return directory
@@ -202,7 +208,7 @@ def from_hf(folder: str, workdir: str) -> dict:
   t = layouts.Tensors(tensors, f"--from_hf={folder} ({arch})")
   model, moe, params, *bias = layouts.IMPORTERS[arch](hf, t)
   moe_bias = bias[0] if bias else {}
-  tensors.close()  # every tensor is read: unmap the files before the checkpoint is written
+  tensors.close()  # every tensor is read
   _contiguous(params)
   left = t.unused()
   if left:

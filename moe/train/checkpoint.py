@@ -114,8 +114,23 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------- manager
 
 
+def _state_handler(reference_host_arrays: bool) -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler for the `state` item. With `reference_host_arrays`, numpy leaves are
+  written uncompressed straight from the caller's memory (tensorstore references the array, no
+  copy; for a synchronous save of numpy leaves nobody changes meanwhile, e.g. moe.convert's
+  import). Orbax's default deep-copies every numpy leaf first (in case an asynchronous save's
+  caller changes it) and zstd-encodes each chunk into a buffer held until its OCDBT data file
+  (2 GiB) is written: twice the tree's bytes. Both are restored alike (zarr records the codec)."""
+  if not reference_host_arrays:
+    return ocp.PyTreeCheckpointHandler()
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+
+
 def _manager(directory, *, keep: int | None = None, read_only: bool = False,
-             async_save: bool = True, on_final=None) -> ocp.CheckpointManager:
+             async_save: bool = True, on_final=None,
+             reference_host_arrays: bool = False) -> ocp.CheckpointManager:
   # Readers neither create the directory nor clean up another run's temporary directories.
   # `on_final` runs after every item of a step is written, before Orbax renames its directory.
   options = ocp.CheckpointManagerOptions(
@@ -125,7 +140,7 @@ def _manager(directory, *, keep: int | None = None, read_only: bool = False,
       if (on_final and async_save) else None)
   return ocp.CheckpointManager(
       rundir.absolute(directory), options=options,
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: DataStateHandler(),
+      item_handlers={STATE: _state_handler(reference_host_arrays), DATA: DataStateHandler(),
                      LOG: ocp.JsonCheckpointHandler()})
 
 
@@ -202,13 +217,19 @@ def verify(step_dir) -> str | None:
 class Checkpointer:
   """The checkpoints of one run: `directory` holds one sub-directory per saved step."""
 
-  def __init__(self, directory, *, keep: int | None = None, async_save: bool = True):
+  def __init__(self, directory, *, keep: int | None = None, async_save: bool = True,
+               reference_host_arrays: bool = False):
+    """`reference_host_arrays` (with `async_save=False`, numpy leaves only): save writes the
+    arrays from the caller's memory, uncompressed, holding no copy of them (`_state_handler`)."""
+    if reference_host_arrays and async_save:
+      raise ValueError("reference_host_arrays needs async_save=False")
     self.directory = rundir.absolute(directory)
     self.keep = keep
     self._async = async_save
     self._saving: int | None = None  # the step being written
     self._mngr = _manager(self.directory, keep=keep, async_save=async_save,
-                          on_final=self._manifest_of_pending)
+                          on_final=self._manifest_of_pending,
+                          reference_host_arrays=reference_host_arrays)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()

@@ -216,9 +216,20 @@ def export_swiglu(p: dict, prefix: str, names=SWIGLU) -> dict:
 
 
 def import_experts(t: Tensors, m: str, D: int, E: int, F: int, names=SWIGLU) -> dict:
-  """`m`experts.<e>.* for e < E, each a SwiGLU -> {w_gate, w_in, w_out}, stacked [E, ...]."""
-  each = [import_swiglu(t, f"{m}experts.{e}.", D, F, names=names) for e in range(E)]
-  return {ours: np.stack([x[ours] for x in each]) for ours, _ in names}
+  """`m`experts.<e>.* for e < E, each a SwiGLU -> {w_gate, w_in, w_out}, stacked [E, ...]
+  (filled expert by expert: one expert's tensor is alive besides the stacks, not the layer's)."""
+  shapes = {"w_gate": (F, D), "w_in": (F, D), "w_out": (D, F)}
+  out = {}
+  for ours, theirs in names:
+    for e in range(E):
+      x = t.get(f"{m}experts.{e}.{theirs}.weight", shapes[ours]).T
+      if e == 0:
+        stack = np.empty((E, *x.shape), x.dtype)
+      elif x.dtype != stack.dtype:  # as np.stack would: the common dtype
+        stack = stack.astype(np.result_type(stack.dtype, x.dtype))
+      stack[e] = x
+    out[ours] = stack
+  return out
 
 
 def export_experts(ex: dict, m: str, names=SWIGLU) -> dict:

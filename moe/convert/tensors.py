@@ -2,10 +2,11 @@
 and the safetensors files themselves, read and written one tensor at a time.
 
 `Tensors` wraps name -> array (any mapping; `SafetensorsFiles` reads a tensor only when `get`
-asks for it) with one-line errors naming a missing, misshapen or non-float tensor, and tracks
+asks for it, into an array of its own: plain reads at the header's offsets, no memory map) with one-line errors naming a missing, misshapen or non-float tensor, and tracks
 which tensors an importer used (a tensor left over is an error in `moe.convert.cli`). Arrays keep
 their stored dtype (bfloat16 as ml_dtypes.bfloat16): nothing is upcast, so importing a bfloat16
-model holds at most the converted bfloat16 params plus the tensor being read.
+model holds at most the converted bfloat16 params plus the tensor being read (a memory-mapped
+file would add every page read so far to the process's resident memory: the whole model).
 `need(hf, key, where)` reads a required config.json field.
 
 `write_safetensors(path, {name: array})` writes the format tensor by tensor (each array made
@@ -15,7 +16,9 @@ contiguous on its own, so transposed views cost one tensor's copy at a time, not
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 from typing import Mapping
 
 import ml_dtypes
@@ -40,32 +43,90 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
+# The header's dtype names numpy has types for (8-bit floats through ml_dtypes; `Tensors.get`
+# refuses them as quantized).
+_NP_DTYPES = {**{v: k for k, v in _ST_DTYPES.items()},
+              "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+              "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+_MAX_HEADER_BYTES = 100 << 20  # the format's own limit
+
+
+def read_header(path: str) -> tuple[int, dict]:
+  """(offset of the data, {name: {dtype, shape, data_offsets}}) of a .safetensors file (8 bytes
+  little-endian header size, the JSON header, then the data), checked against the file's size;
+  ConfigError naming the file when it is not one."""
+  def bad(why: str) -> ConfigError:
+    return ConfigError(f"{path}: not readable as safetensors ({why})")
+
+  try:
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      head = f.read(8)
+      if len(head) < 8:
+        raise bad(f"{size} bytes, no header")
+      (n,) = struct.unpack("<Q", head)
+      if n > min(_MAX_HEADER_BYTES, size - 8):
+        raise bad(f"header size {n} does not fit the file's {size} bytes")
+      header = json.loads(f.read(n))
+  except OSError as e:
+    raise bad(_first_line(e)) from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise bad(f"header is not JSON: {_first_line(e)}") from None
+  if not isinstance(header, dict):
+    raise bad("header is not a JSON object")
+  header.pop("__metadata__", None)
+  data = size - 8 - n
+  for name, h in header.items():
+    try:
+      begin, end = (int(x) for x in h["data_offsets"])
+      count = int(np.prod([int(d) for d in h["shape"]], dtype=np.int64))
+      itemsize = _NP_DTYPES[h["dtype"]].itemsize if h["dtype"] in _NP_DTYPES else None
+    except (KeyError, TypeError, ValueError):
+      raise bad(f"tensor {name!r} has no dtype / shape / data_offsets") from None
+    if not 0 <= begin <= end <= data or (itemsize and end - begin != count * itemsize):
+      raise bad(f"tensor {name!r}: data_offsets {[begin, end]} do not fit its shape "
+                f"{h['shape']} ({h['dtype']}) and the file's {data} data bytes")
+  return 8 + n, header
+
+
 class SafetensorsFiles(Mapping):
-  """name -> array over several .safetensors files, opened with `safetensors.safe_open(path,
-  "numpy")`: a tensor is read from disk when it is looked up (each lookup reads it again), in
-  its stored dtype. `reads` counts the lookups."""
+  """name -> array over several .safetensors files, in its stored dtype (bfloat16 as
+  ml_dtypes.bfloat16). Opening reads the headers (`read_header`); a tensor is read from disk
+  into its own new array when it is looked up (each lookup reads it again), with plain reads,
+  not a memory map: the process holds that array only, not the file's pages (a mapped file's
+  pages read so far count as its resident memory). `reads` counts the lookups."""
 
   def __init__(self, paths: list[str]):
-    from safetensors import safe_open
-    self._handles, self._where = [], {}
+    self._files, self._where = [], {}
     self.reads = 0
     for path in paths:
-      try:
-        h = safe_open(path, "numpy")
-        names = list(h.keys())
-      except Exception as e:  # noqa: BLE001 - the Rust reader's errors have no common base class
-        raise ConfigError(f"{path}: not readable as safetensors ({_first_line(e)})") from None
-      self._handles.append((path, h))
-      for name in names:
-        self._where[name] = len(self._handles) - 1
+      start, header = read_header(path)
+      self._files.append((path, start, open(path, "rb", buffering=0)))  # noqa: SIM115
+      for name, h in header.items():
+        self._where[name] = (len(self._files) - 1, h)
 
   def __getitem__(self, name: str) -> np.ndarray:
-    path, h = self._handles[self._where[name]]
+    index, h = self._where[name]
+    path, start, f = self._files[index]
     self.reads += 1
+    if h["dtype"] not in _NP_DTYPES:
+      raise ConfigError(f"{path}: tensor {name!r} has dtype {h['dtype']}, which numpy has no "
+                        "type for (quantized checkpoints are not read)")
+    x = np.empty([int(d) for d in h["shape"]], _NP_DTYPES[h["dtype"]])
+    buf = memoryview(x.reshape(-1).view(np.uint8))
+    begin, end = (int(v) for v in h["data_offsets"])
+    done = 0
     try:
-      return h.get_tensor(name)
-    except Exception as e:  # noqa: BLE001 - e.g. a dtype numpy has no type for (F8_*)
+      while done < end - begin:
+        got = os.preadv(f.fileno(), [buf[done:]], start + begin + done)
+        if got == 0:
+          raise OSError(f"the file ends {end - begin - done} bytes early")
+        done += got
+    except OSError as e:
       raise ConfigError(f"{path}: tensor {name!r} is not readable ({_first_line(e)})") from None
+    if sys.byteorder != "little":  # the format is little-endian
+      x = x.byteswap()
+    return x
 
   def __iter__(self):
     return iter(self._where)
@@ -77,9 +138,10 @@ class SafetensorsFiles(Mapping):
     return name in self._where
 
   def close(self) -> None:
-    """Drops the file handles (and their memory maps: the pages read so far count as resident
-    memory while they are mapped); arrays already read are copies and stay valid."""
-    self._handles = []
+    """Closes the files; arrays already read stay valid."""
+    for _, _, f in self._files:
+      f.close()
+    self._files = []
 
 
 class Tensors:

@@ -4,9 +4,10 @@ r"""Peak host memory of `python -m moe.convert` importing and exporting a bfloat
 
 Writes a random bfloat16 Mixtral (config.json + model.safetensors, written with the
 `safetensors` package directly, no PyTorch; about 300 MB with the defaults) into `--out`, then
-runs the import (`--from_hf=... --to=...`) and the export (`--from=... --to_hf=...`) each in a
-fresh process and prints its peak resident memory (ru_maxrss of the child), next to the
-baseline of a process that only imports the converter, the model's size and its largest tensor.
+runs the import (`--from_hf=... --to=...`) and the export (`--from=... --to_hf=...`) each
+`--repeat` times in a fresh process and prints the range of their peak resident memory (the
+child's VmHWM, see `peak_mb`), next to the baseline of a process that only imports the
+converter, the model's size and its largest tensor, and the checkpoint's size on disk.
 """
 
 from __future__ import annotations
@@ -65,12 +66,18 @@ def write_model(folder: str, *, layers: int, d_model: int, experts: int, hidden:
 
 
 def peak_mb(args: list[str], ok=(0,), repo: str = REPO) -> tuple[float, float]:
-  """(peak RSS in MB, seconds) of `python args...` run in the repository as a child process."""
+  """(peak RSS in MB, seconds) of `python args...` run in the repository as a child process.
+
+  The peak is the child's VmHWM (/proc/self/status): its own address space's high-water mark.
+  Not ru_maxrss: Linux carries the parent's resident size at the fork into the child's
+  ru_maxrss across exec, so this script's own memory (the model it wrote) would be a floor."""
   script = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
             "code = 0\ntry:\n  runpy.run_module(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as e:\n  code = e.code or 0\n"
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-            "file=sys.stderr)\nsys.exit(code)")
+            "kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n  kb = [int(l.split()[1]) for l in open('/proc/self/status') "
+            "if l.startswith('VmHWM:')][0]\nexcept (OSError, IndexError):\n  pass\n"
+            "print('MAXRSS_KB', kb, file=sys.stderr)\nsys.exit(code)")
   start = time.perf_counter()
   r = subprocess.run([sys.executable, "-c", script] + args, cwd=repo, capture_output=True,
                      text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -92,6 +99,7 @@ def main():
   p.add_argument("--vocab", type=int, default=8000)
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--kv_heads", type=int, default=2)
+  p.add_argument("--repeat", type=int, default=3, help="runs of each command (peaks vary)")
   a = p.parse_args()
   shutil.rmtree(a.out, ignore_errors=True)
   hf, ours, back = (os.path.join(a.out, n) for n in ("hf", "ours", "back"))
@@ -102,14 +110,28 @@ def main():
         f"{largest / 2**20:.1f} MB")
   base, _ = peak_mb(["moe.convert"], ok=(2,), repo=a.repo)  # imports everything, converts nothing
   print(f"baseline (python -m moe.convert without flags): peak RSS {base:.0f} MB")
-  rss, secs = peak_mb(["moe.convert", f"--from_hf={hf}", f"--to={ours}"], repo=a.repo)
-  print(f"import: peak RSS {rss:.0f} MB ({rss - base:+.0f} MB over baseline), {secs:.1f} s")
-  rss, secs = peak_mb(["moe.convert", f"--from={ours}", f"--to_hf={back}",
-                        f"--config={os.path.join(ours, 'config.py')}"], repo=a.repo)
-  size = os.path.getsize(os.path.join(back, "model.safetensors"))
-  print(f"export: peak RSS {rss:.0f} MB ({rss - base:+.0f} MB over baseline), {secs:.1f} s, "
-        f"model.safetensors {size / 2**20:.0f} MB")
+  print(f"baseline + model + its largest tensor: "
+        f"{base + (total + largest) / 2**20:.0f} MB")
 
+  def report(what, runs, extra=""):
+    peaks = sorted(r for r, _ in runs)
+    print(f"{what}: peak RSS {peaks[0]:.0f}-{peaks[-1]:.0f} MB ({peaks[0] - base:+.0f} to "
+          f"{peaks[-1] - base:+.0f} MB over baseline) in {len(runs)} runs, "
+          f"{min(s for _, s in runs):.1f} s{extra}")
+
+  runs = []
+  for _ in range(a.repeat):
+    shutil.rmtree(ours, ignore_errors=True)
+    runs.append(peak_mb(["moe.convert", f"--from_hf={hf}", f"--to={ours}"], repo=a.repo))
+  disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(ours,
+             "checkpoints")) for f in fs)
+  report("import", runs, f", checkpoint {disk / 2**20:.0f} MB on disk")
+  runs = []
+  for _ in range(a.repeat):
+    runs.append(peak_mb(["moe.convert", f"--from={ours}", f"--to_hf={back}",
+                         f"--config={os.path.join(ours, 'config.py')}"], repo=a.repo))
+  size = os.path.getsize(os.path.join(back, "model.safetensors"))
+  report("export", runs, f", model.safetensors {size / 2**20:.0f} MB")
 
 if __name__ == "__main__":
   main()

@@ -109,7 +109,8 @@ def jax_moe_step(T, E, capacity_factor, strategy, group_size=None, seed=0):
   x = jax.random.normal(k[0], (1, T, D), jnp.float32)
   t = T if group_size is None else group_size
   capacity = routing_lib.capacity_for(t, E, K, capacity_factor, cfg.min_capacity)
-  resolved = dispatch.resolve_strategy(strategy, capacity, jax.default_backend())
+  rows = None if capacity is None else capacity * (T // t)  # G*C rows per expert
+  resolved = dispatch.resolve_strategy(strategy, capacity, jax.default_backend(), rows)
   if MoeLayer is not None:
     layer = MoeLayer(cfg)
     params = layer.init(k[1], x, train=True)["params"]

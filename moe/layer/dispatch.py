@@ -59,22 +59,25 @@ STRATEGIES = tuple(s for s in DISPATCHES if s != "auto")
 CAPACITY_ONLY = ("einsum", "gather")
 
 # What "auto" resolves to: (with a capacity, dropless) per backend.
-# - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md). Re-measured
-#   under launch.py's allocator setting (moe.allocator), gather beats grouped with a capacity
-#   at E = 8 / 64 / 256 (1.37 / 1.49 / 1.98 vs 1.49 / 2.17 / 2.46 x dense); the switch waits
-#   for a second measurement and a full test run.
+# - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md), under launch.py's
+#   allocator setting. With a capacity the tile loop (`grouped`) wins while each expert has many
+#   rows and the batched `gather` wins when it has few (T=8192, K=2, cf 1.25, rows per expert
+#   G*C: E=8 2560 rows grouped 1.26x dense vs gather 1.39x; E=16 1280: 1.32 vs 1.42; E=32 640:
+#   1.50 vs 1.48; E=64 320: 1.66 vs 1.45; E=256 80: 2.48 vs 1.90), hence CPU_GATHER_BELOW.
 # - gpu: experiments/accelerator_check.py on one H200, jax 0.11.2, bf16, T=65536 D=2048 F=1408:
 #   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
 #   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a
 #   dense [E, T*K, D] product and ran out of memory). ROCm follows CUDA, unmeasured.
 # - tpu: not measured (nor is megablox, which is why auto does not pick it).
 AUTO = {
-    "cpu": ("grouped", "grouped"),
+    "cpu": ("grouped", "grouped"),  # with a capacity: gather below CPU_GATHER_BELOW rows per expert
     "gpu": ("gather", "grouped"),
     "cuda": ("gather", "grouped"),
     "rocm": ("gather", "grouped"),
     "tpu": ("gather", "ragged"),
 }
+
+CPU_GATHER_BELOW = 1024  # rows per expert (G*C) under which `auto` takes gather on CPU
 
 
 # Strategies that run only on some backends (a kernel written for one kind of chip).
@@ -90,9 +93,11 @@ def unavailable(strategy: str, backend: str | None = None) -> str | None:
   return f"{strategy} runs on {' and '.join(allowed)} only (a Pallas TPU kernel), not {backend}"
 
 
-def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = None) -> str:
-  """The concrete strategy for a request. Raises ConfigError (one line) for bad requests, before
-  anything is compiled."""
+def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = None,
+                     rows_per_expert: int | None = None) -> str:
+  """The concrete strategy for a request. `rows_per_expert` (G*C, the buffer rows each expert
+  gets with a capacity; None = unknown) refines `auto` on CPU. Raises ConfigError (one line)
+  for bad requests, before anything is compiled."""
   check_choice("moe.dispatch", strategy, DISPATCHES)
   why = unavailable(strategy, backend)
   if why:
@@ -101,7 +106,11 @@ def resolve_strategy(strategy: str, capacity: int | None, backend: str | None = 
   if strategy == "auto":
     backend = backend or jax.default_backend()
     with_capacity, dropless = AUTO.get(backend, AUTO["gpu"])
-    return dropless if capacity is None else with_capacity
+    if capacity is None:
+      return dropless
+    if backend == "cpu" and rows_per_expert is not None and rows_per_expert < CPU_GATHER_BELOW:
+      return "gather"
+    return with_capacity
   if capacity is None and strategy in CAPACITY_ONLY:
     dropless = [s for s in DISPATCHES if s not in CAPACITY_ONLY + ("reference",)
                 and not unavailable(s, backend)]
@@ -229,7 +238,9 @@ _IMPLS = {"reference": _reference, "einsum": _einsum, "gather": _gather, "groupe
 def apply_experts(x_GTD, routing: Routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,
                   activation: str, strategy: str = "auto") -> jax.Array:
   """y_GTD = sum_k combine_weights * FFN_{expert_index}(x) over kept assignments (module doc)."""
-  strategy = resolve_strategy(strategy, routing.capacity)
+  G = x_GTD.shape[0]
+  rows_per_expert = None if routing.capacity is None else G * routing.capacity
+  strategy = resolve_strategy(strategy, routing.capacity, rows_per_expert=rows_per_expert)
   _check(x_GTD, routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, activation)
   dtype = x_GTD.dtype
   w_in = w_in_EDF.astype(dtype)

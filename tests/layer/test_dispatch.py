@@ -302,6 +302,13 @@ def test_resolve_strategy():
   assert dispatch.resolve_strategy("auto", 10, "cpu") in dispatch.STRATEGIES
   assert dispatch.resolve_strategy("auto", None, "cpu") in ("grouped", "ragged")
   assert dispatch.resolve_strategy("auto", 10, "tpu") == "gather"
+  # CPU with a capacity: the batched gather when each expert has few rows, else the tile loop.
+  few, many = dispatch.CPU_GATHER_BELOW - 1, dispatch.CPU_GATHER_BELOW
+  assert dispatch.resolve_strategy("auto", 10, "cpu", rows_per_expert=few) == "gather"
+  assert dispatch.resolve_strategy("auto", 10, "cpu", rows_per_expert=many) == "grouped"
+  assert dispatch.resolve_strategy("auto", 10, "gpu", rows_per_expert=few) == "gather"
+  assert dispatch.resolve_strategy("auto", None, "cpu", rows_per_expert=few) == "grouped"
+  assert dispatch.resolve_strategy("grouped", 10, "cpu", rows_per_expert=few) == "grouped"
   assert dispatch.resolve_strategy("auto", None, "gpu") == "grouped"  # measured on an H200
   assert dispatch.resolve_strategy("auto", None, "tpu") == "ragged"
   assert dispatch.resolve_strategy("auto", None) in ("grouped", "ragged")

@@ -1,5 +1,6 @@
 """The PyTorch rows of the MoE layer microbenchmark, one process per row: the Hugging Face Mixtral
-sparse MoE block vs a PyTorch dense SwiGLU FFN of hidden width K*F, forward+backward, f32.
+sparse MoE block (with the experts implementation transformers picks for a model by default)
+vs a PyTorch dense SwiGLU FFN of hidden width K*F, forward+backward, f32.
 
     python experiments/bench_moe_torch.py --T=8192 --E=64 --repeats=5
 
@@ -26,16 +27,20 @@ EXIT_UNAVAILABLE = 3
 def torch_steps(T, E):
   """(moe step, dense step, the experts implementation's name) at T tokens and E experts."""
   import torch
-  from transformers import MixtralConfig
-  from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+  from transformers import MixtralConfig, MixtralForCausalLM
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   config = MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
                          num_experts_per_tok=K, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=16, router_jitter_noise=0.0)
-  block = MixtralSparseMoeBlock(config).train()
-  for p in block.parameters():  # the block's tensors are created uninitialized
+  # The block of a one-layer model: building the model resolves the experts implementation a
+  # user gets by default (transformers 5: "grouped_mm" where torch has it, CPU included); a
+  # MixtralSparseMoeBlock built on its own falls back to the "eager" per-expert loop, whose
+  # backward allocates a full [E, ...] gradient per expert (O(E^2) on CPU).
+  model = MixtralForCausalLM(config)
+  block = model.model.layers[0].mlp.train()
+  for p in block.parameters():
     torch.nn.init.normal_(p, std=0.02)
   H = K * F
   dense = torch.nn.ModuleDict({"w_in": torch.nn.Linear(D, H, bias=False),
@@ -54,7 +59,7 @@ def torch_steps(T, E):
     h = torch.nn.functional.silu(dense["w_gate"](xi)) * dense["w_in"](xi)
     dense["w_out"](h).sum().backward()
 
-  impl = getattr(config, "_experts_implementation", None) or "eager"
+  impl = getattr(model.config, "_experts_implementation", None) or "eager"
   return moe_step, dense_step, impl
 
 

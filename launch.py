@@ -7,6 +7,7 @@ r"""Train a config, run a sweep, evaluate a checkpoint or complete a prompt with
   python launch.py --workdir=runs/default --mode=complete --prompt='def fib(n):' --show_routing
   python launch.py --workdir=runs/default --mode=eval [--step=300 | --checkpoint=PATH]
       [--eval_split=train | --eval_file=notes.txt]
+  python launch.py --workdir=runs/default --mode=analyze [--analyze_batches=8 | --text_file=F]
 
 - `--config.<group>.<field>=<value>` overrides one field; an unknown field is an error (the
   config is locked). `--config.<group>.<field>=None` sets a field to None, e.g.
@@ -20,6 +21,9 @@ r"""Train a config, run a sweep, evaluate a checkpoint or complete a prompt with
 - `--mode=eval` (`moe.train.evaluate`): cross-entropy, bits per byte, perplexity, drop fraction
   and per-layer load of a checkpoint on the validation split, `--eval_split` or `--eval_file`;
   writes `<workdir>/eval_<what>_step<N>.json` and prints one line.
+- `--mode=analyze` (`moe.inference.analysis`): the routing of an MoE checkpoint on validation
+  batches or `--text_file` (load, vocabulary and domain specialization, co-activation, router
+  saturation over the kept checkpoints) into `<workdir>/analysis/`; prints a short summary.
 - A config with a top-level `sweep` group is a sweep (`moe.sweep.runner.run`); `--sweep_shard=i/n`
   runs the i-th of n round-robin slices, so n machines can share one sweep.
 - Several processes (multi-host): `--coordinator_address=host:port --num_processes=N
@@ -68,9 +72,10 @@ from moe.rundir import SUMMARY_FILE
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, summary, "
                                "config.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "complete", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "complete", "eval", "analyze"],
                           "train: train (or resume) the config; complete: continue --prompt with "
-                          "the newest checkpoint in --workdir; eval: evaluate a checkpoint.")
+                          "the newest checkpoint in --workdir; eval: evaluate a checkpoint; "
+                          "analyze: the routing analysis of the newest checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: newest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "--mode=eval: a checkpoint (workdir, checkpoints/ or a step "
@@ -80,6 +85,10 @@ _EVAL_SPLIT = flags.DEFINE_string("eval_split", None,
                                   "train, or any split of a TFDS data.name, e.g. test.")
 _EVAL_FILE = flags.DEFINE_string("eval_file", None,
                                  "--mode=eval: a text file to evaluate instead of a split.")
+_TEXT_FILE = flags.DEFINE_string("text_file", None,
+                                 "--mode=analyze: a text file to analyze instead of validation.")
+_ANALYZE_BATCHES = flags.DEFINE_integer("analyze_batches", 8,
+                                        "--mode=analyze: validation batches to route.")
 _PROMPT = flags.DEFINE_string("prompt", "", "--mode=complete: the text to continue.")
 _SHOW_ROUTING = flags.DEFINE_bool("show_routing", False,
                                   "--mode=complete: show which experts each token chose.")
@@ -170,6 +179,15 @@ def run(cfg) -> int:
       if jax.process_index() == 0:
         print(evaluate.summary_line(result), flush=True)
       return 0
+    if _MODE.value == "analyze":
+      from moe.inference import analysis
+      result = analysis.run(cfg, workdir, text_file=_TEXT_FILE.value,
+                            batches=_ANALYZE_BATCHES.value)
+      if jax.process_index() == 0:
+        print("\n".join(analysis.summary_lines(result)), flush=True)
+      return 0
+    if _TEXT_FILE.value or _ANALYZE_BATCHES.present:
+      raise UserError("--text_file and --analyze_batches go with --mode=analyze")
     if _STEP.value is not None or _CHECKPOINT.value or _EVAL_SPLIT.value or _EVAL_FILE.value:
       raise UserError("--step, --checkpoint, --eval_split and --eval_file go with --mode=eval")
     from moe.train import trainer as train

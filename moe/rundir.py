@@ -18,6 +18,8 @@ A training run's workdir (`launch.py --workdir`, or `<sweep workdir>/<member>/se
 - `hf_tokenizer/`: the tokenizer a conversion left beside its checkpoint (`moe.convert`), which
   `moe.inference.generate` prefers to the data config's;
 - `eval_<what>_step<N>.json`: `launch.py --mode=eval`'s result for checkpoint N;
+- `analysis/`: `launch.py --mode=analyze`'s routing analysis (`moe.inference.analysis`):
+  `report.html`, `analysis.json` and the figures `ANALYSIS_FIGURES`;
 - in a sweep, `sweep_run.json` (machine, wall time, error: the runner) and `eval_<name>.json`
   (the extra evaluations); the sweep's own workdir holds `sweep.json`, the expanded sweep.
 
@@ -61,6 +63,12 @@ LOAD_PLOT_FILE = "load.png"
 PROFILE_DIR = "profile"
 RUN_INFO_FILE = "sweep_run.json"
 SWEEP_FILE = "sweep.json"
+ANALYSIS_DIR = "analysis"
+ANALYSIS_HTML = "report.html"
+ANALYSIS_JSON = "analysis.json"
+ANALYSIS_FIGURES = {"load": "load.png", "vocabulary": "vocabulary.png",
+                    "domains": "domains.png", "coactivation": "coactivation.png",
+                    "saturation": "saturation.png"}
 
 PathLike = Union[str, os.PathLike]
 

@@ -195,6 +195,11 @@ class TextSource:
   _max_chars: dict
 
   def documents(self, split: str) -> Iterator[str]:
+    return (text for _, text in self.named_documents(split))
+
+  def named_documents(self, split: str) -> Iterator[tuple[str | None, str]]:
+    """(path, text) of each document, in `documents`' order: the file's path relative to the
+    folder for the built-in datasets (their `path` feature), None for TFDS datasets."""
     source = self._sources[split]
     budget = self._max_chars.get(split)
     examples = iter(source) if isinstance(source, SequentialSplit) else (
@@ -202,7 +207,8 @@ class TextSource:
     for example in examples:
       text = example[self._field]
       text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-      yield text
+      path = example.get("path") if hasattr(example, "get") else None
+      yield (path.decode("utf-8") if isinstance(path, bytes) else path), text
       if budget is not None:
         budget -= len(text)
         if budget <= 0:

@@ -73,14 +73,18 @@ def plot_layers_by_experts(path: str, result: dict, values: dict, title: str, vm
 
 
 def plot_per_layer(path: str, result: dict, matrices: dict, *, rows, cols, title: str) -> None:
-  """One heatmap per layer, side by side (rows / cols: a list or a function of the layer)."""
+  """One heatmap per layer, two per line (rows / cols: a list or a function of the layer)."""
   plt = _plt()
   names = list(matrices)
   n = len(names)
   first = np.asarray(matrices[names[0]])
   w, h = 1.5 + 0.4 * first.shape[1], 1.5 + 0.3 * first.shape[0]
-  fig, axes = plt.subplots(1, n, figsize=(min(w * n, 40), h), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  ncols = min(n, 2)
+  nrows = -(-n // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(min(w * ncols, 30), h * nrows), squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.axis("off")
+  for ax, name in zip(axes.flat, names):
     _heatmap(ax, matrices[name], rows=rows(name) if callable(rows) else rows,
              cols=cols(name) if callable(cols) else cols, title=f"{name}: {title}", vmax=1.0)
   _save(fig, path)

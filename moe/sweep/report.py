@@ -42,6 +42,9 @@ COLUMNS = [
     ("z_loss", "router z-loss", ".3g"),
     ("tokens_per_s", "tokens/s", ".0f"),
 ]
+# A key "min_<key>" (e.g. "min_eval_cross_entropy") is the smallest value of <key> over the run's
+# metrics.jsonl records and summary: the best evaluation, for selection by held-out loss.
+MIN_PREFIX = "min_"
 # Every run's status and values, one row per (member, seed), beside table.md.
 RUNS_FILE = "runs.csv"
 
@@ -66,6 +69,11 @@ def load_run(rundir: str, eval_names: list[str], keys: list[str]) -> dict:
   summary = summary if isinstance(summary, dict) else {}
   values = {}
   for k in keys:
+    if k.startswith(MIN_PREFIX):  # the best value over the run's evaluations (no best checkpoint)
+      seen = [_finite(r.get(k[len(MIN_PREFIX):])) for r in records]
+      seen = [x for x in seen + [_finite(summary.get(k[len(MIN_PREFIX):]))] if x is not None]
+      values[k] = min(seen) if seen else None
+      continue
     v = _finite(summary.get(k))
     if v is None:
       v = next((_finite(r[k]) for r in reversed(records) if _finite(r.get(k)) is not None), None)

@@ -26,7 +26,9 @@ Format (built by `configs/ablations/*.py`, see `configs/ablations/_base.py` for 
   cfg.sweep.smoke_members    indices of the members the smoke mode keeps
 
 A run's config is the base config (everything but `sweep`) with, in order, the scale's overrides,
-the member's overrides, `train.seed`, and (smoke mode) `SMOKE_OVERRIDES`. Every override must
+the member's overrides, `train.seed`, and (smoke mode) `SMOKE_OVERRIDES`. A `{seed}` in
+`train.init_from` becomes the run's seed (one parent per seed: `configs/ablations/upcycling.py`).
+Every override must
 name an existing field; every run config passes the trainer's config-only checks
 (`moe.train.checks.validate_fields`) here, before anything trains.
 
@@ -46,6 +48,7 @@ from moe.errors import ConfigError, check_int
 from moe.sweep.claims import check_claim, smoke_claim
 
 SCALES = ("cpu", "accelerator")
+SEED_FIELD = "{seed}"  # in train.init_from: replaced by the run's seed
 
 # Smoke mode: applied last, so every table runs in seconds through the real trainer.
 SMOKE_OVERRIDES = {
@@ -324,6 +327,8 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
       for p, v in m.overrides.items():
         apply_override(c, p, v, f"sweep member {m.name}")
       apply_override(c, "train.seed", seed, f"sweep member {m.name}")
+      if SEED_FIELD in c.train.init_from:  # each seed reads its own parent
+        c.train.init_from = c.train.init_from.replace(SEED_FIELD, str(seed))
       if smoke:
         for p, v in SMOKE_OVERRIDES.items():
           apply_override(c, p, v, "sweep smoke mode")

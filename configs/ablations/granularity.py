@@ -1,29 +1,36 @@
-"""Expert granularity at fixed total and active parameters: E:K = 4:1, 8:2, 16:4, 32:8.
+"""Expert granularity at fixed total and active parameters: E:K = 4:1, 8:2, 16:4, 32:8, dropless.
 
 F shrinks as E grows so that E*F (total expert parameters) and K*F (active) stay fixed.
 OLMoE (Muennighoff et al. 2024) Section 4.1 "expert granularity" (8 top-1 vs 32 top-4 vs
 64 top-8) and DeepSeekMoE (Dai et al. 2024, fine-grained expert segmentation): finer experts
-reach lower loss, with diminishing returns.
+reach lower loss, with diminishing returns. The papers' numbers were not read: the claim is
+direction only (effect None).
+
+Every member routes dropless (capacity_factor = eval_capacity_factor = None), as OLMoE trains:
+with a capacity limit the gaps between granularities would be partly drop-rate gaps.
 
 Run:  python launch.py --config=configs/ablations/granularity.py --workdir=runs/granularity
-CPU time, measured 2026-11-29 on the 2-core CPU with a second table running alongside:
-4 members x 3 seeds = 12 runs of 1000 steps in 16 min 35 s (E=32 top-8 runs at 0.65x the
-tokens/s of E=4 top-1).
+CPU time: with capacity factor 1.25, 4 members x 3 seeds = 12 runs of 1000 steps took 16 min 35 s
+(measured 2026-11-29 on the 2-core CPU with a second table running alongside; E=32 top-8 runs
+at 0.65x the tokens/s of E=4 top-1). ESTIMATE for the dropless members: about 17 min (not
+measured; dropless dispatch does no padding to capacity, so it should not be slower).
 """
 
 from configs.ablations import _base
 
 # F of the coarsest member (E=4); E*F = 4*F0 and K*F = F0 at every granularity.
 F0 = {"cpu": 256, "accelerator": 2048}
+DROPLESS = {"moe.capacity_factor": None, "moe.eval_capacity_factor": None}
 
 
 def get_config():
   members = [{"moe.num_experts": e, "moe.num_selected": e // 4,
-              "moe.expert_hidden": {s: f * 4 // e for s, f in F0.items()}}
+              "moe.expert_hidden": {s: f * 4 // e for s, f in F0.items()}, **DROPLESS}
              for e in (4, 8, 16, 32)]
   return _base.make_config(
       __file__,
-      title="Expert granularity at equal total and active parameters (E:K = 4:1 .. 32:8)",
+      title="Expert granularity at equal total and active parameters (E:K = 4:1 .. 32:8), "
+            "dropless",
       paper="Muennighoff et al., OLMoE (2024), Sec. 4.1 expert granularity; Dai et al., "
             "DeepSeekMoE (2024), fine-grained expert segmentation",
       members=members,
@@ -32,9 +39,11 @@ def get_config():
       common={"moe.renormalize": False},
       published=[
           {"claim": "finer-grained experts (more, smaller, more of them active) give lower loss",
-           "source": "OLMoE Sec. 4.1; DeepSeekMoE", "order": [3, 2, 1, 0]},
+           "source": "OLMoE Sec. 4.1 (expert granularity); DeepSeekMoE",
+           "published": "not read (direction only)", "kind": "trend", "order": [3, 2, 1, 0]},
       ],
       notes=["Each member keeps E*F and K*F fixed (see F0 in the config file); the router "
-             "and the dispatch grow with E, so tokens/s falls with granularity."],
+             "and the dispatch grow with E, so tokens/s falls with granularity.",
+             "Every member is dropless (as OLMoE): no gap here comes from dropped tokens."],
       smoke_members=(0, 3),
   )

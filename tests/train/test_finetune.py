@@ -90,11 +90,13 @@ def test_parent_tables_expand(name):
   module = importlib.import_module(f"configs.ablations.{name}")
   table = spec.expand(module.get_config())
   parent = spec.expand(module.get_config("parent"))
-  assert len(parent.runs) == 1  # one parent, shared by every seed
+  assert len(parent.runs) == 3 and parent.seeds == table.seeds  # one parent per table seed
   want_dir = module.PARENT.split("/")
-  assert [parent.members[0].name, f"seed{parent.runs[0].seed}"] == want_dir[-2:]
+  assert [parent.members[0].name, "seed{seed}"] == want_dir[-2:]
   readers = [r for r in table.runs if r.cfg.train.init_from]
-  assert readers and all(r.cfg.train.init_from == module.PARENT for r in readers)
+  # run s reads parent s
+  assert readers and all(r.cfg.train.init_from == module.PARENT.format(seed=r.seed)
+                         for r in readers)
   p, t = parent.runs[0].cfg, readers[0].cfg
   # The parent has the architecture the readers expect (same width; dense for upcycling).
   assert (p.model.d_model, p.model.num_layers, p.model.d_ff) == (
@@ -104,7 +106,8 @@ def test_parent_tables_expand(name):
     assert [r.cfg.train.upcycle for r in table.runs[:4]] == [False, True, False, False]
     assert table.runs[3].cfg.train.steps == 2 * table.runs[2].cfg.train.steps
   else:
-    assert p.data.name == "pystdlib" and t.data.name == "pystdlib_test"
+    assert p.data.name == "pystdlib" and t.data.name == "textdir"
+    assert (p.model.moe_interval, t.model.moe_interval) == (2, 2)  # MoE in few blocks
     assert sorted(r.cfg.train.trainable for r in table.runs[:4]) == sorted(
         ["all", "non_moe", "moe", "router_frozen"])
   with pytest.raises(ValueError, match="parent"):

@@ -85,7 +85,9 @@ def get_config():
   c.moe.z_loss_weight = 1e-3  # weight of L_z
   c.moe.bias_balancing = False  # auxiliary-loss-free balancing bias
   c.moe.bias_rate = 1e-3  # bias update rate u
-  c.moe.router_dtype = "float32"  # float32 | bfloat16 (ablation only)
+  c.moe.router_dtype = "float32"  # float32 | bfloat16 (matmul) | bfloat16_full (ablations only)
+  c.moe.router_logit_scale = 1.0  # router logits x this (stability stress knob)
+  c.moe.router_init_scale = 1.0  # router init variance x this (Switch Table 3 uses 0.1)
   c.moe.score_func = "softmax"  # softmax | sigmoid (DeepSeek-V3 per-expert scores)
   c.moe.routed_scale = 1.0  # routed combine weights x this (DeepSeek routed_scaling_factor)
   c.moe.num_groups = 1  # expert groups for group-limited top-K (DeepSeek n_group)

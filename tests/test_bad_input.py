@@ -116,7 +116,9 @@ ROWS = {
     "moe.z_loss_weight": [-1.0],
     "moe.bias_balancing": [],
     "moe.bias_rate": [-1.0],
-    "moe.router_dtype": ["float16"],
+    "moe.router_dtype": ["float16", "bfloat16-full"],
+    "moe.router_logit_scale": [0.0, -1.0],
+    "moe.router_init_scale": [0.0, -1.0],
     "moe.score_func": ["tanh", "Sigmoid"],
     "moe.routed_scale": [0.0, -1.0],
     "moe.num_groups": [0, -1, BIG, 3],  # 3 does not divide E=8

@@ -19,6 +19,8 @@ PRIORITIES = ("choice_major", "bpr")
 EXPERT_MLPS = ("swiglu", "gelu")
 DISPATCHES = ("auto", "reference", "einsum", "gather", "grouped", "ragged", "megablox")
 DTYPES = ("float32", "bfloat16")
+# "bfloat16": the router matmul only; "bfloat16_full": logits, scores, combine weights too.
+ROUTER_DTYPES = DTYPES + ("bfloat16_full",)
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 
@@ -47,7 +49,9 @@ class MoeConfig:
   z_loss_weight: float = 1e-3  # L_z weight
   bias_balancing: bool = False  # auxiliary-loss-free bias (selection only)
   bias_rate: float = 1e-3  # u in b_e += u * sign(mean_load - load_e)
-  router_dtype: str = "float32"  # one of DTYPES; float32 by default (docs/semantics.md)
+  router_dtype: str = "float32"  # one of ROUTER_DTYPES; float32 by default (docs/semantics.md)
+  router_logit_scale: float = 1.0  # router logits x this (a stability stress knob)
+  router_init_scale: float = 1.0  # router kernel init variance x this (Switch Table 3: 0.1)
   score_func: str = "softmax"  # one of SCORE_FUNCS; sigmoid = DeepSeek-V3 per-expert scores
   routed_scale: float = 1.0  # routed combine weights x this, after renormalising (DeepSeek)
   num_groups: int = 1  # contiguous expert groups for group-limited top-K (DeepSeek n_group)
@@ -84,7 +88,9 @@ def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> N
   check_choice(f"{prefix}.priority", m.priority, PRIORITIES)
   check_choice(f"{prefix}.expert_mlp", m.expert_mlp, EXPERT_MLPS)
   check_choice(f"{prefix}.dispatch", m.dispatch, DISPATCHES)
-  check_choice(f"{prefix}.router_dtype", m.router_dtype, DTYPES)
+  check_choice(f"{prefix}.router_dtype", m.router_dtype, ROUTER_DTYPES)
+  for f in ("router_logit_scale", "router_init_scale"):
+    check_number(f"{prefix}.{f}", getattr(m, f), 0.0, math.inf, low_open=True)
   check_number(f"{prefix}.jitter_eps", m.jitter_eps, 0.0, 1.0, high_open=True)
   check_int(f"{prefix}.num_shared_experts", m.num_shared_experts, 0, high=INT32_MAX)
   for f in ("load_balance_weight", "z_loss_weight", "bias_rate"):

@@ -9,7 +9,8 @@
    not a multiple of the group size, the last group is filled up with padding tokens (zeros,
    masked out): they are never routed, never counted in losses or metrics, and cut off again
    from the output. Capacity is computed per group from T (padding slots included).
-3. Routes in float32 (`Router`): token choice top-K (`moe.layer.routing.top_k_routing`, with
+3. Routes in float32 (`Router`; `router_dtype="bfloat16_full"` routes in bfloat16, see
+   `Router`): token choice top-K (`moe.layer.routing.top_k_routing`, with
    softmax or sigmoid scores, optional group-limited selection and routed scale: `score_func`,
    `num_groups`, `groups_selected`, `group_score`, `routed_scale`) or expert choice
    (`moe.layer.routing.expert_choice_routing`, with C = the same per-expert buffer a
@@ -73,32 +74,54 @@ def _param(module: nn.Module, name: str, init, names: tuple[str, ...], shape: tu
   return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
 
 
-class Router(nn.Module):
-  """logits[G, T, E] = x[G, T, D] @ W_r[D, E], returned in float32.
+def router_dtypes(router_dtype: str) -> tuple[jnp.dtype, jnp.dtype]:
+  """`moe.router_dtype` -> (dtype of the router matmul, dtype the routing computes in).
 
-  Computed in `router_dtype` (float32 by default whatever the model dtype; bfloat16 only as an
-  ablation, in which case inputs and kernel are rounded to bfloat16 before the matmul). During
-  training with `jitter_eps > 0`, the router's own copy of x is multiplied by U(1-eps, 1+eps)
-  noise from the rng stream 'jitter'; the experts never see that noise.
+  "float32": (float32, float32), whatever the model dtype (Switch's selective precision);
+  "bfloat16": (bfloat16, float32), the matmul only (the meaning this value always had);
+  "bfloat16_full": (bfloat16, bfloat16), logits, scores, probs and combine weights in bfloat16.
+  """
+  if router_dtype == "bfloat16_full":
+    return jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)
+  return jnp.dtype(router_dtype), jnp.dtype(jnp.float32)
+
+
+class Router(nn.Module):
+  """logits[G, T, E] = (x[G, T, D] @ W_r[D, E]) * logit_scale, returned in the routing dtype.
+
+  `router_dtype` (`router_dtypes`): "float32" (default, whatever the model dtype) computes and
+  returns float32; "bfloat16" rounds input and kernel to bfloat16 and multiplies in bfloat16,
+  then returns float32 logits; "bfloat16_full" does the same and returns bfloat16 logits (the
+  routing then stays in bfloat16). `logit_scale` (a stress knob, 1.0 = off) multiplies the
+  logits in that dtype. `init_scale` multiplies the variance of the kernel's truncated-normal
+  fan-in init (Switch's initialisation scale s; 1.0 = the default). During training with
+  `jitter_eps > 0`, the router's own copy of x is multiplied by U(1-eps, 1+eps) noise from the
+  rng stream 'jitter'; the experts never see that noise.
   """
 
   num_experts: int
   router_dtype: str = "float32"
   jitter_eps: float = 0.0
+  logit_scale: float = 1.0
+  init_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x_GTD, *, train: bool):
     d = x_GTD.shape[-1]
-    kernel_DE = _param(self, "kernel", _init(0), ("embed", "router_expert"),
-                       (d, self.num_experts))
-    dtype = jnp.dtype(self.router_dtype)
+    init = (_init(0) if self.init_scale == 1.0 else
+            nn.initializers.variance_scaling(float(self.init_scale), "fan_in",
+                                             "truncated_normal", in_axis=0, out_axis=-1))
+    kernel_DE = _param(self, "kernel", init, ("embed", "router_expert"), (d, self.num_experts))
+    dtype, out_dtype = router_dtypes(self.router_dtype)
     x = x_GTD.astype(jnp.float32)
     if train and self.jitter_eps > 0:
       x = x * jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
                                  1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
     logits_GTE = jnp.einsum("GTD,DE->GTE", x.astype(dtype), kernel_DE.astype(dtype),
-                            preferred_element_type=dtype)
-    return logits_GTE.astype(jnp.float32)
+                            preferred_element_type=dtype).astype(out_dtype)
+    if self.logit_scale != 1.0:
+      logits_GTE = logits_GTE * jnp.asarray(self.logit_scale, out_dtype)
+    return logits_GTE
 
 
 class Experts(nn.Module):
@@ -213,19 +236,22 @@ class MoeLayer(nn.Module):
           nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("router_expert",)),
           (e,))
 
-    logits_GTE = Router(e, cfg.router_dtype, cfg.jitter_eps, name="router")(x_GTD, train=train)
+    logits_GTE = Router(e, cfg.router_dtype, cfg.jitter_eps, cfg.router_logit_scale,
+                        cfg.router_init_scale, name="router")(x_GTD, train=train)
+    routing_dtype = router_dtypes(cfg.router_dtype)[1]
     if cfg.router == "expert_choice" and capacity is None:
       capacity = t  # validate_moe refuses a None train factor; eval may still be None
 
     def route(logits_GTE, mask_GT, bias_E):
       if cfg.router == "expert_choice":
         return routing_lib.expert_choice_routing(logits_GTE, capacity=capacity,
-                                                 padding_mask=mask_GT)
+                                                 padding_mask=mask_GT, dtype=routing_dtype)
       return routing_lib.top_k_routing(
           logits_GTE, num_selected=k, capacity=capacity, priority=cfg.priority, bias=bias_E,
           padding_mask=mask_GT, renormalize=cfg.renormalize, score_func=cfg.score_func,
           routed_scale=cfg.routed_scale, num_groups=cfg.num_groups,
-          groups_selected=cfg.groups_selected, group_score=cfg.group_score)
+          groups_selected=cfg.groups_selected, group_score=cfg.group_score,
+          dtype=routing_dtype)
 
     bias_E = None if bias_var is None else jax.lax.stop_gradient(bias_var.value)
     routing = (route(logits_GTE, mask_GT, bias_E) if ep is None

@@ -9,6 +9,11 @@ and O(G*T*(K+E)) memory (a stable sort per group, never a [T, T] matrix).
 
 The losses and metrics at the bottom take a `Routing` of either rank and pool every real
 (non-padding) token of every group: f_e, P_e and the means run over all real tokens at once.
+
+Precision: the routers compute logits, scores (softmax / sigmoid), `probs` and combine weights in
+`dtype`, float32 by default (any input is cast to it). `dtype=jnp.bfloat16` is the low-precision
+router ablation (`moe.router_dtype="bfloat16_full"`): every one of those arrays is bfloat16, and
+each op on them rounds to bfloat16. The losses and metrics read them in float32.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ class Routing:
   expert_index[G, T, K] int32: the k-th expert chosen by token t (choice order: k=0 is the best).
       Always a valid expert id in [0, E), also for dropped assignments and padding tokens (so a
       gather never goes out of bounds); what marks those is `slot == -1` / zero weight.
-  combine_weights[G, T, K] float32: weight of that assignment in the output; exactly 0 where the
+  combine_weights[G, T, K] float32 (or the router's `dtype`): weight of that assignment in the output; exactly 0 where the
       assignment was dropped or the token is padding.
   slot[G, T, K] int32: the assignment's position in its expert's buffer, in [0, C) with capacity,
       in [0, T*K) dropless; -1 where dropped or padding.
-  probs[G, T, E] float32: softmax of the router logits (before any balancing bias); with sigmoid
+  probs[G, T, E] float32 (or the router's `dtype`): softmax of the router logits (before any balancing bias); with sigmoid
       scores (`top_k_routing(score_func="sigmoid")`) sigmoid(logits) normalised to sum 1 per
       token. Feeds the balancing loss (P_e), router_entropy, top1_prob and BPR priority.
-  logits[G, T, E] float32: router logits.
+  logits[G, T, E] float32 (or the router's `dtype`): router logits.
   token_mask[G, T] bool: True for real (non-padding) tokens.
   capacity: C (static int), or None when dropless.
   kind: "token_choice", or "expert_choice" (then K = E, expert_index[..., t, e] = e, and an
@@ -82,8 +87,8 @@ def capacity_for(num_tokens: int, num_experts: int, num_selected: int,
 # Token-choice top-k
 
 
-def _as_groups(logits, padding_mask):
-  """Returns (logits[G,T,E] f32, mask[G,T] bool, squeeze: bool)."""
+def _as_groups(logits, padding_mask, dtype=jnp.float32):
+  """Returns (logits[G,T,E] in `dtype`, mask[G,T] bool, squeeze: bool)."""
   logits = jnp.asarray(logits)
   if logits.ndim not in (2, 3):
     raise ValueError(f"router logits must be [T, E] or [G, T, E], got shape {logits.shape}")
@@ -100,7 +105,18 @@ def _as_groups(logits, padding_mask):
     if mask.shape != (g, t):
       raise ValueError(f"padding_mask shape {jnp.shape(padding_mask)} does not match the "
                        f"router logits' token axes {(g, t) if not squeeze else (t,)}")
-  return logits.astype(jnp.float32), mask, squeeze
+  return logits.astype(_router_dtype(dtype)), mask, squeeze
+
+
+ROUTER_DTYPES = ("float32", "bfloat16")
+
+
+def _router_dtype(dtype):
+  """float32 or bfloat16 (a ValueError otherwise): the dtype routing computes in."""
+  d = jnp.dtype(dtype)
+  if d.name not in ROUTER_DTYPES:
+    raise ValueError(f"routing dtype must be one of {list(ROUTER_DTYPES)}, got {d.name!r}")
+  return d
 
 
 def _maybe_squeeze(r: Routing, squeeze: bool) -> Routing:
@@ -153,12 +169,12 @@ def _group_mask(select_GTE, num_groups: int, groups_selected: int, group_score: 
 
 def _select(logits_GTE, num_selected, bias, score_func, num_groups, groups_selected,
             group_score, renormalize, routed_scale):
-  """(expert [G,T,K] int32, gate [G,T,K] f32, probs [G,T,E] f32): choices, combine weights
-  (before capacity) and `Routing.probs` (see `top_k_routing`)."""
+  """(expert [G,T,K] int32, gate [G,T,K], probs [G,T,E]): choices, combine weights (before
+  capacity) and `Routing.probs` (see `top_k_routing`), in the logits' dtype."""
+  tiny = jnp.finfo(logits_GTE.dtype).tiny
   if score_func == "sigmoid":
     scores_GTE = jax.nn.sigmoid(logits_GTE)
-    probs_GTE = scores_GTE / jnp.maximum(scores_GTE.sum(-1, keepdims=True),
-                                         jnp.finfo(jnp.float32).tiny)
+    probs_GTE = scores_GTE / jnp.maximum(scores_GTE.sum(-1, keepdims=True), tiny)
   else:
     scores_GTE = probs_GTE = jax.nn.softmax(logits_GTE, axis=-1)
   select_GTE = scores_GTE if bias is None else scores_GTE + jnp.asarray(bias, jnp.float32)
@@ -171,10 +187,9 @@ def _select(logits_GTE, num_selected, bias, score_func, num_groups, groups_selec
   if renormalize and score_func == "sigmoid":  # DeepSeek-V3: s_k / (sum of the K s + 1e-20)
     gate_GTK = gate_GTK / (gate_GTK.sum(-1, keepdims=True) + 1e-20)
   elif renormalize:
-    gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True),
-                                      jnp.finfo(jnp.float32).tiny)
+    gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True), tiny)
   if routed_scale != 1.0:
-    gate_GTK = gate_GTK * jnp.float32(routed_scale)
+    gate_GTK = gate_GTK * jnp.asarray(routed_scale, gate_GTK.dtype)
   return expert_GTK, gate_GTK, probs_GTE
 
 
@@ -204,7 +219,7 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
                   priority: str = "choice_major", bias=None, padding_mask=None,
                   renormalize: bool = True, score_func: str = "softmax",
                   routed_scale: float = 1.0, num_groups: int = 1, groups_selected: int = 1,
-                  group_score: str = "max") -> Routing:
+                  group_score: str = "max", dtype=jnp.float32) -> Routing:
   """Token-choice top-K routing with an optional per-expert capacity.
 
   logits [G, T, E] or [T, E] (a 2-D input returns 2-D arrays). Per-expert scores s are
@@ -219,9 +234,11 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
   distribution per token, for the balancing loss and metrics). `capacity` None = dropless. On
   overflow an expert keeps assignments in priority order: choice-major, then token order
   ("choice_major") or tokens by descending top-1 prob, ties by token order ("bpr"). Padding
-  tokens (`padding_mask` False) are never routed and never take a buffer slot.
+  tokens (`padding_mask` False) are never routed and never take a buffer slot. `dtype`
+  (float32 or bfloat16): what the logits, scores, probs and combine weights are computed and
+  returned in (module docstring, "Precision").
   """
-  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
+  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask, dtype)
   e = logits_GTE.shape[-1]
   _check_top_k_args(e, num_selected, priority, capacity, score_func, num_groups,
                     groups_selected, group_score)
@@ -240,7 +257,7 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
   kept_GTK = valid_GTK if capacity is None else valid_GTK & (pos_GTK < capacity)
   routing = Routing(
       expert_index=expert_GTK,
-      combine_weights=jnp.where(kept_GTK, gate_GTK, 0.0).astype(jnp.float32),
+      combine_weights=jnp.where(kept_GTK, gate_GTK, 0.0).astype(logits_GTE.dtype),
       slot=jnp.where(kept_GTK, pos_GTK, -1).astype(jnp.int32),
       probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT, capacity=capacity,
       kind=TOKEN_CHOICE)
@@ -251,7 +268,8 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
 # Expert choice
 
 
-def expert_choice_routing(logits, *, capacity: int, padding_mask=None) -> Routing:
+def expert_choice_routing(logits, *, capacity: int, padding_mask=None,
+                          dtype=jnp.float32) -> Routing:
   """Each expert takes the C real tokens of its group with the largest probs[:, e].
 
   Expressed as a Routing with K = E so that every dispatch strategy works unchanged:
@@ -259,9 +277,9 @@ def expert_choice_routing(logits, *, capacity: int, padding_mask=None) -> Routin
   0; slot = the token's rank within the expert's top-C (0 = highest prob), else -1. Ties go to
   the earlier token. C is clamped to T (an expert cannot take more tokens than there are); the
   returned `capacity` is the clamped value. With padding, an expert may end up with fewer than
-  C real tokens: padding is never taken.
+  C real tokens: padding is never taken. `dtype` as in `top_k_routing`.
   """
-  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask)
+  logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask, dtype)
   g, t, e = logits_GTE.shape
   if not isinstance(capacity, int) or capacity < 1:
     raise ValueError(f"expert choice needs a static capacity >= 1, got {capacity!r}")
@@ -280,7 +298,7 @@ def expert_choice_routing(logits, *, capacity: int, padding_mask=None) -> Routin
   slot_GTE = jax.vmap(one_group)(probs_GTE, mask_GT)
   routing = Routing(
       expert_index=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, t, e)),
-      combine_weights=jnp.where(slot_GTE >= 0, probs_GTE, 0.0).astype(jnp.float32),
+      combine_weights=jnp.where(slot_GTE >= 0, probs_GTE, 0.0).astype(logits_GTE.dtype),
       slot=slot_GTE, probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT, capacity=c,
       kind=EXPERT_CHOICE)
   return _maybe_squeeze(routing, squeeze)

@@ -106,6 +106,11 @@ def get_config():
   c.train.b1 = 0.9  # Adam beta1
   c.train.b2 = 0.95  # Adam beta2
   c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+  c.train.decay_router = True  # AdamW weight decay on the router kernels too (False: exempt)
+  c.train.spike_factor = 1.5  # loss spike: step train CE > this x median of the last window
+  c.train.spike_window = 50  # steps in that running median (spikes counted after warmup)
+  c.train.max_loss_spikes = 5  # more spikes than this: the run ends "diverged"
+  c.train.blowup_margin = 1.0  # "diverged": running median CE this far (nats) above its low; 0=off
   c.train.seed = 0  # params, dropout/jitter and data order
   c.train.log_every = 20  # steps between metrics.jsonl records
   c.train.eval_every = 100  # steps between evaluations (and at the end)

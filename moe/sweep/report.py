@@ -40,6 +40,7 @@ COLUMNS = [
     ("moe/max_over_mean_load", "max/mean load", ".3f"),
     ("moe/dead_experts", "dead experts (all layers)", ".2f"),
     ("z_loss", "router z-loss", ".3g"),
+    ("loss_spikes", "loss spikes (moe.train.divergence)", ".2f"),
     ("tokens_per_s", "tokens/s", ".0f"),
 ]
 # A key "min_<key>" (e.g. "min_eval_cross_entropy") is the smallest value of <key> over the run's

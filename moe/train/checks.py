@@ -38,6 +38,7 @@ from moe.errors import (INT32_MAX, SEED_MAX, ConfigError, check_bool, check_choi
 from moe.model.config import validate_model_groups
 from moe.rundir import HF_TOKENIZER_DIR
 from moe.train import checkpoint as ckpt_lib
+from moe.train import divergence
 from moe.train import step as step_lib
 from moe.train.profiling import parse_profile_steps
 
@@ -99,6 +100,7 @@ def check_train(cfg) -> None:
                       "has no MoE parameters); use 'all' or 'non_moe'")
   check_profile_steps(t)
   check_str("train.wandb_project", t.get("wandb_project", ""))
+  divergence.check_fields(t)  # spike / blow-up thresholds, train.decay_router
 
 
 def check_profile_steps(t) -> None:

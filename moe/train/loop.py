@@ -8,7 +8,8 @@ metrics.jsonl, TensorBoard and the progress line; every `eval_every` steps (and 
 evaluation; every `checkpoint_every` steps (and at the end) a checkpoint that also holds the
 unlogged window, so a resumed run's records equal an uninterrupted run's; a stop request
 (SIGTERM / Ctrl-C, `moe.train.preemption`) or `stop_at_step` saves and ends "preempted"; a
-non-finite loss ends "diverged" and is never saved.
+non-finite loss, a loss blow-up or too many loss spikes (`moe.train.divergence`, judged on each
+logged window's per-step cross-entropy) ends "diverged", and that state is never saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from moe.train import divergence
 from moe.train import metrics as metrics_lib
 from moe.train import step as step_lib
 from moe.train.profiling import ProfileWindow
@@ -64,6 +66,9 @@ class Loop:
     # The step metrics since the last record; a checkpoint saves them (`log` item), so a
     # resumed run's first record averages the same steps as an uninterrupted run's.
     self.window: list = metrics_lib.window_from_state(log_state)
+    self.divergence = divergence.Monitor(divergence.rule_from(cfg.train),
+                                         (log_state or {}).get("divergence"))
+    self.diverged_why = "non-finite loss"
     self.watch = metrics_lib.Stopwatch()  # the current logging window, minus eval / saving
 
   def run(self, state, stop_at_step, guard):
@@ -101,6 +106,9 @@ class Loop:
       host = jax.device_get(self.window)
       elapsed = max(self.watch.elapsed(), 1e-9)
       record = metrics_lib.summarize_window(host)
+      self.divergence.observe_window(
+          step, [m.get("cross_entropy", m.get("loss")) for m in host])
+      record["loss_spikes"] = self.divergence.spikes
       record["steps_per_s"] = len(host) / elapsed
       record["tokens_per_s"] = len(host) * tokens_per_step(self.cfg) / elapsed
       record.update(self.flops.rates(record["steps_per_s"]))
@@ -118,11 +126,23 @@ class Loop:
       self.log.write(step, record)
       if "loss" in record:
         self.log.progress(step, record, steps_per_s=record["steps_per_s"])
-    return metrics_lib.is_finite_record(record)
+    if not metrics_lib.is_finite_record(record):
+      return False
+    if self.divergence.reason:
+      self.diverged_why = self.divergence.reason
+      return False
+    return True
 
   def _diverged(self):
     self.status = "diverged"
-    logging.warning("non-finite loss at step %d: stopping (status 'diverged')", self.step)
+    logging.warning("%s at step %d: stopping (status 'diverged')", self.diverged_why, self.step)
+
+  def stability(self) -> dict:
+    """summary.json's loss_spikes, loss_spike_steps and diverged_reason."""
+    out = self.divergence.summary()
+    if self.status == "diverged" and not out["diverged_reason"]:
+      out["diverged_reason"] = self.diverged_why
+    return out
 
   def _save(self, state) -> bool:
     """Saves a checkpoint of `state`; False (nothing saved) when a step since the last logging
@@ -131,7 +151,8 @@ class Loop:
       return False
     t0 = time.time()
     self.checkpointer.save(self.step, state, self.s.data.train_iter.get_state(),
-                           metrics_lib.window_state(self.window))
+                           {**metrics_lib.window_state(self.window),
+                            "divergence": self.divergence.state()})
     self.last_saved = self.step
     self.watch.exclude(time.time() - t0)
     return True

@@ -57,8 +57,13 @@ def _decays(path, leaf) -> bool:
   return getattr(leaf, "ndim", 0) >= 2
 
 
-def decay_mask(params):
-  return jax.tree_util.tree_map_with_path(_decays, params)
+def decay_mask(params, decay_router: bool = True):
+  """Bool tree like `params`: True where AdamW's weight decay applies. `decay_router=False`
+  (`train.decay_router`, a stability stress knob) also exempts every router kernel."""
+  if decay_router:
+    return jax.tree_util.tree_map_with_path(_decays, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _decays(path, leaf) and "router" not in trees.key_names(path), params)
 
 
 def _moe_parts(params) -> tuple[Any, Any]:
@@ -100,8 +105,10 @@ def make_optimizer(tc, params) -> tuple[optax.GradientTransformation, Any, Calla
   parts = []
   if tc.grad_clip and tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(float(tc.grad_clip)))
+  decay_router = bool(tc.get("decay_router", True))
   parts.append(optax.adamw(schedule, b1=float(tc.b1), b2=float(tc.b2),
-                           weight_decay=float(tc.weight_decay), mask=decay_mask))
+                           weight_decay=float(tc.weight_decay),
+                           mask=lambda p: decay_mask(p, decay_router)))
   inner = optax.chain(*parts)
   frozen = frozen_mask(params, tc.trainable)
   if not any(jax.tree.leaves(frozen)):

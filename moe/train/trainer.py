@@ -27,8 +27,9 @@ Phases, in order (each one a few lines below):
                   TensorBoard + a progress line; evaluation every `eval_every` and at the
                   end; a checkpoint every `checkpoint_every` and at the end (with the
                   unlogged metrics window); SIGTERM or Ctrl-C, also during phases 1-8
-                  -> checkpoint and stop ("preempted"); a non-finite loss stops the run
-                  ("diverged"); records carry TFLOP/s per device and MFU;
+                  -> checkpoint and stop ("preempted"); a non-finite loss, a loss blow-up
+                  or too many spikes (`moe.train.divergence`) stop the run ("diverged");
+                  records carry TFLOP/s per device and MFU;
                   `train.profile_steps` traces a window of steps
  10. summary      `workdir/summary.json`: status, final eval metrics, tokens/s, TFLOP/s per
                   device and MFU, wall time, steps; `workdir/load.png` (expert load per layer)
@@ -308,6 +309,7 @@ def _summary(cfg, workdir, s: Setup, loop, flops, resume_step, compile_s, t_star
       **flops.summary(loop.train_steps, loop.train_time),
       "devices": jax.device_count(), "processes": jax.process_count(),
       "mesh": {k: int(v) for k, v in s.mesh.shape.items()}, "data": s.data.info,
+      **loop.stability(),  # loss_spikes, diverged_reason (moe.train.divergence)
   }
   if jax.process_index() == 0:
     write_json_atomic(rundir.join(workdir, SUMMARY_FILE), summary, indent=2)

@@ -277,6 +277,10 @@ def to_hf(workdir: str, out_dir: str, cfg=None, dtype: str | None = None,
   groups = _groups_of(workdir, cfg)
   model, moe = dict(groups["model"]), dict(groups["moe"])
   params = ckpt_lib.load_params(workdir)
+  scale = moe.get("router_logit_scale", 1.0)
+  if scale != 1.0:  # logits = scale * (x @ W) = x @ (scale * W): folded into the router kernels
+    params = _fold_router_scale(params, scale)
+    moe["router_logit_scale"] = 1.0
   if model.get("vocab_size", -1) in (-1, 0, None):
     model["vocab_size"] = int(np.shape(params["embedding_table"])[0])
   hf_type = layouts.export_type(model, moe)
@@ -307,6 +311,20 @@ def to_hf(workdir: str, out_dir: str, cfg=None, dtype: str | None = None,
                     dtype=dtype)
   write_json_atomic(rundir.join(out_dir, CONFIG_JSON), config, indent=1, default=None)
   return config
+
+
+def _fold_router_scale(tree, scale: float):
+  """`tree` with every router kernel (a `router` dict's `kernel`) multiplied by `scale`, in its
+  own dtype (moe.router_logit_scale multiplies the logits, which Hugging Face types lack)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "router" and isinstance(value, dict) and "kernel" in value:
+      kernel = np.asarray(value["kernel"])
+      value = {**value, "kernel": (kernel * np.asarray(scale, np.float32)).astype(kernel.dtype)}
+    out[key] = _fold_router_scale(value, scale)
+  return out
 
 
 def _read_config_json(path: str) -> dict:

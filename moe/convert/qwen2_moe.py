@@ -96,7 +96,8 @@ _MOE_MAPPED = {"num_experts", "num_selected", "expert_hidden", "capacity_factor"
                "eval_capacity_factor", "min_capacity", "group_size", "priority",
                "allow_noncausal_routing", "jitter_eps", "renormalize", "num_shared_experts",
                "dispatch", "load_balance_weight", "z_loss_weight", "bias_rate", "router_dtype",
-               "shared_expert_hidden", "shared_expert_gate", "groups_selected", "group_score"}
+               "shared_expert_hidden", "shared_expert_gate", "groups_selected", "group_score",
+               "router_init_scale"}  # router_logit_scale: folded into the kernels by moe.convert.cli
 
 
 def export_refusal(model: dict, moe: dict | None) -> str | None:

@@ -107,6 +107,10 @@ MOE_HERE = dict(num_experts=4, num_selected=2, expert_hidden=12, capacity_factor
     # No QK-norm and what Mixtral lacks: Qwen2-MoE with a zero-width shared expert.
     (dict(), dict(renormalize=False), "qwen2_moe"),
     (dict(num_layers=3, moe_interval=2), dict(renormalize=True), "qwen2_moe"),
+    # The router logit scale (a stability knob) is folded into the exported router kernels.
+    (dict(qk_norm="head"), dict(renormalize=False, router_logit_scale=3.0), "qwen3_moe"),
+    (dict(), dict(renormalize=False, router_logit_scale=3.0, router_init_scale=0.1),
+     "qwen2_moe"),
 ])
 def test_moe_model_trained_here_exports(model, moe, family, tmp_path):
   work = str(tmp_path / "run")

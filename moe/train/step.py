@@ -105,7 +105,7 @@ def make_optimizer(tc, params) -> tuple[optax.GradientTransformation, Any, Calla
   parts = []
   if tc.grad_clip and tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(float(tc.grad_clip)))
-  decay_router = bool(tc.get("decay_router", True))
+  decay_router = bool(getattr(tc, "decay_router", True))  # a ConfigDict or any namespace
   parts.append(optax.adamw(schedule, b1=float(tc.b1), b2=float(tc.b2),
                            weight_decay=float(tc.weight_decay),
                            mask=lambda p: decay_mask(p, decay_router)))

@@ -8,9 +8,9 @@ model. The dense baseline's FFN width equals one expert's (both SwiGLU), so ever
 the same active FLOPs (the router aside).
 
 Run:  python launch.py --config=configs/ablations/experts.py --workdir=runs/experts
-CPU time, measured 2026-11-29 on the 2-core CPU with a second table running alongside:
-5 members x 3 seeds = 15 runs of 1000 steps in 14 min 42 s (members unchanged since; the
-estimate for a rerun is the same, about 15 min).
+CPU time, measured 2026-12-01 on the 2-core CPU with the routing table running alongside:
+5 members x 3 seeds = 15 runs of 1000 steps in 9 min 53 s (592 s of training); results in
+experiments/ablation_results/experts/.
 """
 
 from configs.ablations import _base

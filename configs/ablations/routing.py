@@ -22,9 +22,9 @@ runs only because the member sets moe.allow_noncausal_routing=True.
 The shared-expert pair is dropless (as OLMoE trains), so the comparison is not a drop-rate gap.
 
 Run:  python launch.py --config=configs/ablations/routing.py --workdir=runs/routing
-CPU time: the previous 4 members x 3 seeds = 12 runs of 1000 steps took 16 min 2 s (measured
-2026-11-29 on the 2-core CPU with a second table running alongside). ESTIMATE for these 4
-members: about the same, 16 min (not measured).
+CPU time, measured 2026-12-01 on the 2-core CPU with the experts table running alongside:
+4 members x 3 seeds = 12 runs of 1000 steps in 10 min 18 s (617 s of training); results in
+experiments/ablation_results/routing/.
 """
 
 from configs.ablations import _base

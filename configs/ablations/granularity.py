@@ -10,10 +10,9 @@ Every member routes dropless (capacity_factor = eval_capacity_factor = None), as
 with a capacity limit the gaps between granularities would be partly drop-rate gaps.
 
 Run:  python launch.py --config=configs/ablations/granularity.py --workdir=runs/granularity
-CPU time: with capacity factor 1.25, 4 members x 3 seeds = 12 runs of 1000 steps took 16 min 35 s
-(measured 2026-11-29 on the 2-core CPU with a second table running alongside; E=32 top-8 runs
-at 0.65x the tokens/s of E=4 top-1). ESTIMATE for the dropless members: about 17 min (not
-measured; dropless dispatch does no padding to capacity, so it should not be slower).
+CPU time, measured 2026-12-01 on the 2-core CPU with the capacity table running alongside:
+4 dropless members x 3 seeds = 12 runs of 1000 steps in 12 min 16 s (732 s of training);
+results in experiments/ablation_results/granularity/.
 """
 
 from configs.ablations import _base

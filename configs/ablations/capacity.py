@@ -22,10 +22,9 @@ Switch Table 1 design, twice the active expert FLOPs); members k2_*_f<F/2> halve
 moe.expert_hidden so that top-2 does the active expert FLOPs of top-1 (K*F fixed).
 
 Run:  python launch.py --config=configs/ablations/capacity.py --workdir=runs/capacity
-CPU time: 10 members x 3 seeds = 30 runs of 800 steps plus 30 extra evaluations took 27 min 2 s
-(measured 2026-11-29 on the 2-core CPU with a second table running alongside). ESTIMATE for the
-12 members now (two half-width top-2 members added, each cheaper than a full top-2 run):
-36 runs + 36 evaluations, about 32 min on the same machine (not measured).
+CPU time, measured 2026-12-01 on the 2-core CPU with the granularity table running alongside
+for its first 12 minutes: 12 members x 3 seeds = 36 runs of 800 steps plus 36 extra evaluations
+in 19 min 41 s (1148 s of training); results in experiments/ablation_results/capacity/.
 """
 
 from configs.ablations import _base

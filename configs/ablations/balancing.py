@@ -20,9 +20,9 @@ capacity limit the quality gaps would be partly drop-rate gaps (without balancin
 assignments were dropped at capacity 1.25).
 
 Run:  python launch.py --config=configs/ablations/balancing.py --workdir=runs/balancing
-CPU time: with capacity factor 1.25, 6 members x 3 seeds = 18 runs of 1000 steps took 21 min 34 s
-(measured 2026-11-29 on the 2-core CPU with a second table running alongside). ESTIMATE for the
-dropless members: about 22 min (not measured).
+CPU time, measured 2026-12-01 on the 2-core CPU, alone: 6 dropless members x 3 seeds = 18 runs
+of 1000 steps in 12 min 11 s (730 s of training); results in
+experiments/ablation_results/balancing/.
 """
 
 import math

@@ -68,6 +68,19 @@ def read_metrics(workdir, drop_timing: bool = False) -> list[dict]:
   return records
 
 
+def run_smoke_parent(table_module, tmp_path) -> None:
+  """Trains a parent table's `:parent` command in smoke mode into tmp_path/parent (data: the
+  standard library's tests, any text keeps it short; TFDS folder tmp_path/tfds), asserting that
+  no run failed. The parent of a member / seed is tmp_path/parent/<member>/seed<n>."""
+  from moe.sweep import runner as sw  # pylint: disable=import-outside-toplevel
+  from moe.sweep import spec  # pylint: disable=import-outside-toplevel
+  parent_cfg = spec.smoke_config(table_module.get_config("parent"))
+  parent_cfg.data.tfds_data_dir = str(tmp_path / "tfds")
+  parent_cfg.data.name = "pystdlib_test"
+  out = sw.run(parent_cfg, str(tmp_path / "parent"), log=lambda _: None)
+  assert not out["failed"]
+
+
 def write_textdir(root: str, num_files: int = 24, seed: int = 0) -> str:
   """A folder of small Python-like text files (a few KB in all), deterministic."""
   rng = random.Random(seed)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_smoke_parent
 from moe.layer import routing
 from moe.rundir import METRICS_FILE, SUMMARY_FILE
 from moe.sweep import report, spec
@@ -169,11 +170,7 @@ def test_finetune_table_smoke_with_its_parent(tmp_path):
   few blocks, the small test folder, and the best-evaluation metric in the report."""
   from moe.sweep import runner as sw
   ft = importlib.import_module("configs.ablations.finetune_freeze")
-  parent_cfg = spec.smoke_config(ft.get_config("parent"))
-  parent_cfg.data.tfds_data_dir = str(tmp_path / "tfds")
-  parent_cfg.data.name = "pystdlib_test"  # any text; keeps the smoke test short
-  out = sw.run(parent_cfg, str(tmp_path / "parent"), log=lambda _: None)
-  assert not out["failed"]
+  run_smoke_parent(ft, tmp_path)
   table = spec.smoke_config(ft.get_config())
   table.data.tfds_data_dir = str(tmp_path / "tfds")
   parent_dir = str(tmp_path / "parent" / "base" / "seed0")

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_smoke_parent
 from moe.train import checkpoint as ckpt_lib
 from moe.sweep import runner as sw
 from moe.sweep import spec
@@ -118,11 +119,7 @@ def test_parent_tables_expand(name):
 def test_upcycling_table_smoke_with_its_parent(tmp_path):
   """Both commands of the upcycling table, in smoke mode, through the real trainer."""
   from configs.ablations import upcycling
-  parent_cfg = spec.smoke_config(upcycling.get_config("parent"))
-  parent_cfg.data.tfds_data_dir = str(tmp_path / "tfds")
-  parent_cfg.data.name = "pystdlib_test"  # any text; keeps the smoke test short
-  out = sw.run(parent_cfg, str(tmp_path / "parent"), log=lambda _: None)
-  assert not out["failed"]
+  run_smoke_parent(upcycling, tmp_path)
   table = spec.smoke_config(upcycling.get_config())
   table.data.tfds_data_dir = str(tmp_path / "tfds")
   table.data.name = "pystdlib_test"

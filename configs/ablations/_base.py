@@ -5,7 +5,10 @@ Every table is `configs/default.py` plus a `sweep` group (format: `moe/sweep/spe
 - `cpu`: a ~0.46M-parameter model (D=64, 2 blocks, L=128, 16 sequences a step, 1000 steps,
   16 validation batches). Every table, three seeds, ran on the 2-core CPU in 3 to 34 minutes
   (measured 2026-11-29 with two tables running side by side; each table's docstring and the
-  README give its time). One 1000-step run took 49 to 110 s wall there.
+  README give its time). One 1000-step run took 49 to 110 s wall there. A table's seed count
+  (`SEEDS` here: three, or the table's own) is chosen by `moe.sweep.power` from the paired
+  spread its 3-seed run measured, to fill about 60 minutes
+  (experiments/ablation_results/POWER.md).
 - `accelerator`: D=512, 8 blocks, L=1024, 64 sequences a step, 20k steps: sizes worth a GPU/TPU.
 
 Routing groups (`moe.group_size`): `cpu` keeps None, one group of each step's 2048 tokens on the
@@ -62,8 +65,9 @@ def make_config(file: str, *, title: str, paper: str, members: list, published: 
                 metric: str = "eval_cross_entropy", higher_is_better: bool = False,
                 common: dict | None = None, cpu: dict | None = None,
                 accelerator: dict | None = None, eval_overrides: list | None = None,
-                notes: list | None = None, smoke_members=(0, 1)):
-  """The default config plus a `sweep` group; `common` applies at both scales."""
+                notes: list | None = None, smoke_members=(0, 1), seeds: int | None = None):
+  """The default config plus a `sweep` group; `common` applies at both scales. `seeds`: the
+  table's seed count (seeds 0 .. seeds-1; None = SEEDS), chosen by `moe.sweep.power`."""
   c = default.get_config()
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   s = ml_collections.ConfigDict()
@@ -73,7 +77,7 @@ def make_config(file: str, *, title: str, paper: str, members: list, published: 
   s.metric = metric
   s.higher_is_better = higher_is_better
   s.members = [dict(m) for m in members]
-  s.seeds = list(SEEDS)
+  s.seeds = list(SEEDS) if seeds is None else list(range(seeds))
   s.scale = "cpu"
   s.scales = [
       {"name": "cpu", "overrides": {**CPU, **(common or {}), **(cpu or {})}},

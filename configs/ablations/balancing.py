@@ -23,11 +23,21 @@ Run:  python launch.py --config=configs/ablations/balancing.py --workdir=runs/ba
 CPU time, measured 2026-12-01 on the 2-core CPU, alone: 6 dropless members x 3 seeds = 18 runs
 of 1000 steps in 12 min 11 s (730 s of training); results in
 experiments/ablation_results/balancing/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/balancing` on the 3-seed run above;
+experiments/ablation_results/POWER.md): 4.05 one-core minutes a seed, so 60 minutes on 2 cores
+(`--sweep_shard=0/2` and `1/2` side by side) afford 29 seeds, 174 runs; projected from the measured
+paired sd, the detectable effect falls from 0.018 to 0.004 nats for loss-free bias vs the auxiliary
+loss at 1e-3 (published gap 0.0063 needs 12 seeds); this table ran alone, its runs could use both
+cores, so a seed may cost up to twice this side by side: check after the first shards. The
+committed results are still the 3-seed run.
 """
 
 import math
 
 from configs.ablations import _base
+
+SEEDS = 29  # seeds 0 .. 28, from power (docstring)
 
 DROPLESS = {"moe.capacity_factor": None, "moe.eval_capacity_factor": None}
 WANG_T2 = ("Wang et al. 2024 Table 2 (alpha = 1e-3 vs loss-free u = 1e-3): perplexity 9.56 vs "
@@ -43,6 +53,7 @@ def get_config():
   i = members.index
   return _base.make_config(
       __file__,
+      seeds=SEEDS,
       title="Load balancing: none vs auxiliary loss vs auxiliary-loss-free bias (E=8, top-2, "
             "dropless)",
       paper="Fedus et al., Switch Transformers (2022), Sec. 2.2; Muennighoff et al., OLMoE (2024), "

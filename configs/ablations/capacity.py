@@ -25,9 +25,18 @@ Run:  python launch.py --config=configs/ablations/capacity.py --workdir=runs/cap
 CPU time, measured 2026-12-01 on the 2-core CPU with the granularity table running alongside
 for its first 12 minutes: 12 members x 3 seeds = 36 runs of 800 steps plus 36 extra evaluations
 in 19 min 41 s (1148 s of training); results in experiments/ablation_results/capacity/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/capacity` on the 3-seed run above;
+experiments/ablation_results/POWER.md): 6.38 one-core minutes a seed, so 60 minutes on 2 cores
+(`--sweep_shard=0/2` and `1/2` side by side) afford 18 seeds, 216 runs; projected from the measured
+paired sd, the detectable effects fall by a factor of about 3.7 (e.g. top-1 vs top-2 at 1.25:
+0.0052 -> 0.0014 nats; Switch Table 1's 0.008 gap of top-1 at 1.25 over 1.0 would need 54 seeds at
+the measured sd 0.023, so it stays not testable). The committed results are still the 3-seed run.
 """
 
 from configs.ablations import _base
+
+SEEDS = 18  # seeds 0 .. 17, from power (docstring)
 
 FACTORS = (0.75, 1.0, 1.25, 2.0, None)  # None = dropless
 # F/2 for the FLOP-matched top-2 members (K*F equal to top-1's F).
@@ -50,6 +59,7 @@ def get_config():
   half = lambda cf: members.index(_member(2, cf, **{"moe.expert_hidden": HALF_WIDTH}))  # noqa: E731
   return _base.make_config(
       __file__,
+      seeds=SEEDS,
       title="Capacity factor x top-K (each evaluated at its train capacity factor and at 2.0); "
             "top-2 parameter-matched and FLOP-matched",
       paper="Fedus et al., Switch Transformers (JMLR 2022), Table 1; Zoph et al., ST-MoE (2022), "

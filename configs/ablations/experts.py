@@ -11,9 +11,17 @@ Run:  python launch.py --config=configs/ablations/experts.py --workdir=runs/expe
 CPU time, measured 2026-12-01 on the 2-core CPU with the routing table running alongside:
 5 members x 3 seeds = 15 runs of 1000 steps in 9 min 53 s (592 s of training); results in
 experiments/ablation_results/experts/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/experts` on the 3-seed run above;
+experiments/ablation_results/POWER.md): 3.29 one-core minutes a seed, so 60 minutes on 2 cores
+(`--sweep_shard=0/2` and `1/2` side by side) afford 36 seeds, 180 runs; projected from the measured
+paired sd, the detectable effect falls from 0.011 (trend, per member step) and 0.024 nats (e2 vs
+dense) at 3 seeds to 0.002 and 0.004 at 36. The committed results are still the 3-seed run.
 """
 
 from configs.ablations import _base
+
+SEEDS = 36  # seeds 0 .. 35, from power (docstring)
 
 
 def get_config():
@@ -22,6 +30,7 @@ def get_config():
   members = [dense] + moes
   return _base.make_config(
       __file__,
+      seeds=SEEDS,
       title="Number of experts (top-1, equal FLOPs per token) vs a dense FFN",
       paper="Fedus et al., Switch Transformers (JMLR 2022), Figure 4 (left)",
       members=members,

@@ -13,9 +13,17 @@ Run:  python launch.py --config=configs/ablations/granularity.py --workdir=runs/
 CPU time, measured 2026-12-01 on the 2-core CPU with the capacity table running alongside:
 4 dropless members x 3 seeds = 12 runs of 1000 steps in 12 min 16 s (732 s of training);
 results in experiments/ablation_results/granularity/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/granularity` on the 3-seed run above;
+experiments/ablation_results/POWER.md): 4.07 one-core minutes a seed, so 60 minutes on 2 cores
+(`--sweep_shard=0/2` and `1/2` side by side) afford 29 seeds, 116 runs; projected from the measured
+paired sd, the detectable trend falls from 0.0027 to 0.0005 nats per member step. The committed
+results are still the 3-seed run.
 """
 
 from configs.ablations import _base
+
+SEEDS = 29  # seeds 0 .. 28, from power (docstring)
 
 # F of the coarsest member (E=4); E*F = 4*F0 and K*F = F0 at every granularity.
 F0 = {"cpu": 256, "accelerator": 2048}
@@ -28,6 +36,7 @@ def get_config():
              for e in (4, 8, 16, 32)]
   return _base.make_config(
       __file__,
+      seeds=SEEDS,
       title="Expert granularity at equal total and active parameters (E:K = 4:1 .. 32:8), "
             "dropless",
       paper="Muennighoff et al., OLMoE (2024), Sec. 4.1 expert granularity; Dai et al., "

@@ -25,9 +25,18 @@ Run:  python launch.py --config=configs/ablations/routing.py --workdir=runs/rout
 CPU time, measured 2026-12-01 on the 2-core CPU with the experts table running alongside:
 4 members x 3 seeds = 12 runs of 1000 steps in 10 min 18 s (617 s of training); results in
 experiments/ablation_results/routing/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/routing` on the 3-seed run above;
+experiments/ablation_results/POWER.md): 3.43 one-core minutes a seed, so 60 minutes on 2 cores
+(`--sweep_shard=0/2` and `1/2` side by side) afford 34 seeds, 136 runs; projected from the measured
+paired sd, the detectable effect falls from 0.019 / 0.033 / 0.064 nats (expert choice / capacity
+1.25 / shared expert vs dropless) at 3 seeds to 0.004 / 0.006 / 0.012 at 34. The committed results
+are still the 3-seed run.
 """
 
 from configs.ablations import _base
+
+SEEDS = 34  # seeds 0 .. 33, from power (docstring)
 
 DROPLESS = {"moe.capacity_factor": None, "moe.eval_capacity_factor": None}
 
@@ -45,6 +54,7 @@ def get_config():
   not_read = "not read (direction only)"
   return _base.make_config(
       __file__,
+      seeds=SEEDS,
       title="Routing variants: token choice (dropless, capacity 1.25), expert choice at matched "
             "compute (non-causal, not comparable), shared expert (dropless)",
       paper="Muennighoff et al., OLMoE (2024), Sec. 4.1; Dai et al., DeepSeekMoE (2024); "

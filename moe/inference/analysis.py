@@ -9,7 +9,9 @@ checkpoint of `workdir` (params and balancing bias, `moe.inference.generate.load
 so MoE layers route with `moe.eval_capacity_factor`), captures every MoE layer's routing (the
 `intermediates` each layer sows, as `--mode=complete --show_routing` does), and computes, per
 layer (`moe.inference.analysis_stats` defines each number): load per expert, mean k and drop
-fraction; vocabulary specialization (top tokens and a score per expert); domain specialization
+fraction, mean k per kind of token (`moe.inference.token_kinds`: whitespace, keyword,
+identifier, ...; exact for the byte tokenizer, approximate where decoding one token alone drops
+its leading space, as SentencePiece does); vocabulary specialization (top tokens and a score per expert); domain specialization
 (per expert, the share of its tokens from each source); co-activation (an E x E matrix); and
 router saturation (how much of the final checkpoint's top-k sets each earlier checkpoint kept in
 `workdir/checkpoints/` already chooses, on the same tokens). `moe.inference.analysis_report`
@@ -48,6 +50,7 @@ from moe.data import packing
 from moe.errors import ConfigError, check_int
 from moe.inference import analysis_stats as stats
 from moe.inference import generate
+from moe.inference import token_kinds as kinds_lib
 from moe.train import checkpoint as ckpt_lib
 
 DEFAULT_BATCHES = 8
@@ -186,6 +189,23 @@ def _domains(rows: dict, mask: np.ndarray) -> dict:
   return out
 
 
+def token_kinds(rows: dict, tokenizer, mask: np.ndarray) -> np.ndarray:
+  """[N] kind of every real token (`moe.inference.token_kinds`), each stretch of one document
+  in one row lexed on its own (a row's segment: its tokens are consecutive text)."""
+  pieces: dict[int, str] = {}
+  inputs, seg = rows["inputs"], rows["segment_ids"]
+  out = np.zeros(inputs.shape, np.int8)
+  for r in range(inputs.shape[0]):
+    for sid in np.unique(seg[r][seg[r] != 0]):
+      cols = np.flatnonzero(seg[r] == sid)
+      ids = [int(v) for v in inputs[r, cols]]
+      for v in ids:
+        if v not in pieces:
+          pieces[v] = tokenizer.decode([v])
+      out[r, cols] = kinds_lib.token_kinds([pieces[v] for v in ids])
+  return out.reshape(-1)[mask]
+
+
 def run(cfg, workdir: str, *, text_file: str | None = None,
         batches: int = DEFAULT_BATCHES) -> dict:
   """The routing analysis (module docstring); writes `workdir/analysis/`, returns the result."""
@@ -201,6 +221,7 @@ def run(cfg, workdir: str, *, text_file: str | None = None,
   mask = rows["segment_ids"].reshape(-1) != 0
   token_ids = rows["inputs"].reshape(-1)[mask]
   domains = _domains(rows, mask)
+  kind_N = token_kinds(rows, gen.tokenizer, mask)
   V = max(int(gen.tokenizer.vocab_size), int(token_ids.max()) + 1)
   result = {"workdir": rundir.absolute(workdir), "step": final_step,
             "text": {"file": rundir.absolute(text_file)} if text_file else
@@ -208,9 +229,10 @@ def run(cfg, workdir: str, *, text_file: str | None = None,
             "tokens": int(mask.sum()), "rows": int((rows["segment_ids"] != 0).any(1).sum()),
             "num_experts": E, "num_selected": int(cfg.moe.num_selected),
             "eval_capacity_factor": cfg.moe.eval_capacity_factor,
-            "load": {}, "vocabulary": {}, "domains": {}, "coactivation": {}, "saturation": []}
+            "load": {}, "token_kinds": {}, "vocabulary": {}, "domains": {}, "coactivation": {}, "saturation": []}
   for name, r in final:
     result["load"][name] = stats.layer_load(r, E)
+    result["token_kinds"][name] = stats.by_kind(r, kind_N, kinds_lib.KINDS)
     voc = stats.vocabulary(r, token_ids, E, V)
     for x in voc["experts"]:
       for t in x["top_tokens"] + x["distinctive_tokens"]:

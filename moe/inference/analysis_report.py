@@ -171,6 +171,21 @@ def _layer_tables(result: dict, name: str) -> str:
   return "".join(parts)
 
 
+def _kinds_table(result: dict) -> str:
+  """Rows: layers; columns: kinds of token; cells: mean k (mean kept k), and the shares."""
+  per_layer = result.get("token_kinds") or {}
+  if not per_layer:
+    return "<p>No token kinds.</p>"
+  kinds = list(next(iter(per_layer.values())))
+  first = next(iter(per_layer.values()))
+  rows = [["share of tokens"] + [f"{first[k]['share']:.3f}" for k in kinds]]
+  for name, d in per_layer.items():
+    rows.append([html.escape(name)] + [
+        "—" if d[k]["mean_k"] is None else f"{d[k]['mean_k']:.2f} ({d[k]['mean_kept_k']:.2f})"
+        for k in kinds])
+  return _table(["", *kinds], rows)
+
+
 def write_html(path: str, result: dict, figures: dict[str, str]) -> None:
   text = result["text"].get("file") or f"validation split of {result['text']['data']}"
   rows = [[html.escape(n), f"{d['mean_k']:.2f}", f"{d['mean_kept_k']:.2f}",
@@ -193,6 +208,10 @@ E={result['num_experts']}, K={result['num_selected']}, eval capacity factor
 <p>Scores: 1.0 = every token an expert takes always goes to it; chance is K/E
 ({result['num_selected'] / result['num_experts']:.2f}).</p>
 {_img(figures['load'])}
+<h2>Mean k by kind of token</h2><p>Experts chosen per token (kept after capacity in
+parentheses) for each kind of source text (<code>moe/inference/token_kinds.py</code>); with a
+fixed k every kind shows K.</p>
+{_kinds_table(result)}
 <h2>Vocabulary specialization</h2>{_img(figures['vocabulary'])}
 <h2>Domain specialization</h2>
 <p>Each row: where an expert's tokens come from; compare it with the first row (all tokens).</p>
@@ -233,6 +252,11 @@ def summary_lines(result: dict) -> list[str]:
                f"most specialized e{best} ({score[best]:.2f}; chance "
                f"{result['vocabulary'][name]['chance']:.2f})"
                + (f", top pair e{pair['from']}->e{pair['to']} {pair['share']:.2f}" if pair else ""))
+  for name, d in (result.get("token_kinds") or {}).items():
+    ks = {k: v["mean_k"] for k, v in d.items() if v["mean_k"] is not None}
+    if ks and max(ks.values()) - min(ks.values()) > 1e-9:  # adaptive k: k varies by kind
+      out.append(f"  {name} mean k by token kind: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in ks.items()))
   for s in result["saturation"]:
     out.append(f"  saturation at step {s['step']}: {s['mean']:.1%} of step {result['step']}'s "
                f"top-k already chosen")

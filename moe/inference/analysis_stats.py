@@ -29,6 +29,9 @@ what the router decided. Definitions (following OLMoE, Muennighoff et al. 2024, 
   share of the router's choices per expert, `mean_k` = choices per token (K for fixed k),
   `mean_kept_k` = kept assignments per token, `dropped_fraction` = share of the choices that
   capacity dropped.
+- per token kind (`by_kind`): for each kind of source text (`moe.inference.token_kinds`:
+  whitespace, keyword, identifier, ...), its share of the tokens, `mean_k` (choices per token of
+  that kind) and `mean_kept_k`: with adaptive k, how many experts each kind of token takes.
 """
 
 from __future__ import annotations
@@ -79,6 +82,21 @@ def layer_load(r: LayerRouting, num_experts: int) -> dict:
           "chosen_load": (chosen / max(chosen.sum(), 1)).tolist(),
           "mean_k": float(r.chosen.sum() / n), "mean_kept_k": float(r.kept.sum() / n),
           "dropped_fraction": float(1.0 - (r.kept & r.chosen).sum() / max(r.chosen.sum(), 1))}
+
+
+def by_kind(r: LayerRouting, kind_N: np.ndarray, kinds: tuple[str, ...]) -> dict:
+  """{kind: {"share", "tokens", "mean_k", "mean_kept_k"}} over the tokens of each kind
+  (`kind_N` [N] indexes `kinds`; a kind without tokens has mean_k None)."""
+  kind_N = np.asarray(kind_N, np.int64)
+  chosen_N, kept_N = r.chosen.sum(1), r.kept.sum(1)
+  out = {}
+  for i, name in enumerate(kinds):
+    sel = kind_N == i
+    n = int(sel.sum())
+    out[name] = {"tokens": n, "share": n / max(r.num_tokens, 1),
+                 "mean_k": float(chosen_N[sel].mean()) if n else None,
+                 "mean_kept_k": float(kept_N[sel].mean()) if n else None}
+  return out
 
 
 # ----------------------------------------------------------------------------- vocabulary

@@ -13,6 +13,7 @@ from conftest import apply_overrides, load_config_file, tiny_overrides
 from moe import rundir
 from moe.inference import analysis
 from moe.inference import analysis_stats as stats
+from moe.inference import token_kinds
 from test_config import assert_one_line_error, run_launch
 
 E, K = 6, 2
@@ -101,6 +102,40 @@ def test_layer_load_mean_k_and_drops():
   assert stats.path_domains("os.py") == ("library", "os")
 
 
+def test_token_kinds_of_python_source():
+  """Byte pieces and multi-character pieces lex the same; a token takes the kind of its first
+  non-space character."""
+  src = "def f(x1):\n    # hi\n    return 'a b' + 0x1F  # z\n"
+  # a token of spaces only is whitespace, also inside a comment or a string
+  want = ("kkkwioiioow" "wwww" "cwcc" "w" "wwww" "kkkkkk" "w" "sswss" "w" "o" "w" "nnnn" "ww"
+          "cwc" "w")
+  kinds = token_kinds.token_kinds(list(src))
+  letter = {"w": "whitespace", "k": "keyword", "i": "identifier", "o": "operator",
+            "c": "comment", "s": "string", "n": "number"}
+  assert [token_kinds.KINDS[k] for k in kinds] == [letter[c] for c in want]
+  pieces = ["def", " f", "(", "x1", "):\n", "    ", "# hi", "\n    return", " 'a b'", " +",
+            " 0x1F", "  # z\n"]
+  assert "".join(pieces) == src
+  assert [token_kinds.KINDS[k] for k in token_kinds.token_kinds(pieces)] == [
+      "keyword", "identifier", "operator", "identifier", "operator", "whitespace", "comment",
+      "keyword", "string", "operator", "number", "comment"]
+  assert token_kinds.token_kinds([]).shape == (0,)
+
+
+def test_mean_k_by_token_kind():
+  """Adaptive routings: tokens of kind 0 choose 1 expert, kind 1 choose 2 (1 kept)."""
+  idx = np.array([[0, 1], [2, 3], [0, 2], [1, 3], [0, 1]])
+  chosen = np.array([[True, False], [True, False], [True, True], [True, True], [True, False]])
+  kept = chosen & np.array([[True, True], [True, True], [True, False], [True, False],
+                            [True, True]])
+  r = stats.LayerRouting(expert_index=idx, chosen=chosen, kept=kept)
+  d = stats.by_kind(r, np.array([0, 0, 1, 1, 0]), ("a", "b", "c"))
+  assert d["a"] == {"tokens": 3, "share": 0.6, "mean_k": 1.0, "mean_kept_k": 1.0}
+  assert d["b"] == {"tokens": 2, "share": 0.4, "mean_k": 2.0, "mean_kept_k": 1.0}
+  assert d["c"]["tokens"] == 0 and d["c"]["mean_k"] is None
+  assert stats.layer_load(r, 4)["mean_k"] == pytest.approx(7 / 5)
+
+
 def test_packing_carries_each_tokens_document():
   docs = [np.arange(1, 8), np.arange(10, 30), np.arange(40, 44)]
   tokens, segments, doc = analysis.pack_rows(docs, 9)
@@ -177,5 +212,8 @@ def test_analyze_command_writes_every_section(tiny_run, tmp_path):
   with open(os.path.join(out, rundir.ANALYSIS_JSON)) as f:
     result = json.load(f)
   assert result["text"]["file"] == str(text) and result["tokens"] == 2 + len(text.read_text())
+  kinds = result["token_kinds"]["layer_0"]  # BOS + 8 x "def add(a, b):\n    return a + b\n"
+  assert kinds["keyword"]["tokens"] == 8 * 9 and kinds["identifier"]["tokens"] == 8 * 7
+  assert kinds["keyword"]["mean_k"] == 2.0  # fixed k
   p = run_launch([f"--workdir={tiny_run}", "--mode=analyze", "--config.moe.enabled=False"])
   assert_one_line_error(p, "moe.enabled")

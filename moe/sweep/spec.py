@@ -236,12 +236,8 @@ def _validate_run_config(c, what: str) -> None:
     raise ConfigError(f"{what}: {e}") from None
 
 
-def expand(cfg, workdir: str | None = None) -> Sweep:
-  """Validates `cfg.sweep` and builds every run's config. Raises ConfigError (one line)."""
-  if "sweep" not in cfg:
-    raise ConfigError("config has no `sweep` group; a sweep config is built by "
-                      "configs/ablations/*.py")
-  s = cfg.sweep
+def _check_fields(s) -> None:
+  """The `sweep` group's own fields: known names, scale, metric, members, seeds."""
   allowed = {"title", "paper", "config_file", "metric", "higher_is_better", "members", "seeds",
              "scale", "scales", "eval_overrides", "published", "notes", "smoke", "smoke_members"}
   unknown = set(s.keys()) - allowed
@@ -255,7 +251,6 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
   if not isinstance(metric, str) or not metric:
     raise ConfigError(f"sweep.metric must be a metric name like 'eval_cross_entropy', "
                       f"got {metric!r}")
-  smoke = bool(get("smoke", False))
   raw_members = _as_list(get("members", []), "members")
   if not raw_members:
     raise ConfigError("sweep.members is empty: a sweep needs at least one member (an override "
@@ -264,21 +259,10 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
   if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(
       set(seeds)) != len(seeds):
     raise ConfigError(f"sweep.seeds must be a non-empty list of distinct ints, got {seeds!r}")
-  scales = _named_overrides(get("scales", []), "scales")
-  bad = [x["name"] for x in scales if x["name"] not in SCALES]
-  if bad:
-    raise ConfigError(f"sweep.scales: names must be in {list(SCALES)}, got {bad}")
-  scale_overrides = next((x["overrides"] for x in scales if x["name"] == scale), {})
-  eval_overrides = _named_overrides(get("eval_overrides", []), "eval_overrides")
 
-  base = base_config(cfg)
-  for p, v in scale_overrides.items():
-    apply_override(base, p, v, f"sweep.scales[{scale}]")
-  for e in eval_overrides:  # checked on a scratch copy so a typo fails before training
-    scratch = copy.deepcopy(base)
-    for p, v in e["overrides"].items():
-      apply_override(scratch, p, v, f"sweep.eval_overrides[{e['name']}]")
 
+def _members(raw_members: list, scale: str) -> list[Member]:
+  """The members' overrides resolved at `scale`, each checked, named and unique."""
   members, seen = [], {}
   for i, raw in enumerate(raw_members):
     what = f"sweep.members[{i}]"
@@ -298,6 +282,56 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
     if m.name in {x.name for x in members}:
       raise ConfigError(f"{what}: name {m.name!r} is already used by another member")
     members.append(m)
+  return members
+
+
+def _runs(base, members: list[Member], seeds: list[int], smoke: bool) -> list[Run]:
+  """Every (seed, member) run's full config: the base, the member's overrides, the seed (and
+  its parent through `{seed}` in train.init_from), the smoke overrides; each validated."""
+  runs = []
+  for seed in seeds:
+    for m in members:
+      c = copy.deepcopy(base)
+      for p, v in m.overrides.items():
+        apply_override(c, p, v, f"sweep member {m.name}")
+      apply_override(c, "train.seed", seed, f"sweep member {m.name}")
+      if SEED_FIELD in c.train.init_from:  # each seed reads its own parent
+        c.train.init_from = c.train.init_from.replace(SEED_FIELD, str(seed))
+      if smoke:
+        for p, v in SMOKE_OVERRIDES.items():
+          apply_override(c, p, v, "sweep smoke mode")
+      _validate_run_config(c, f"sweep member {m.name} (seed {seed})")
+      runs.append(Run(m.name, seed, c))
+  return runs
+
+
+def expand(cfg, workdir: str | None = None) -> Sweep:
+  """Validates `cfg.sweep` and builds every run's config. Raises ConfigError (one line)."""
+  if "sweep" not in cfg:
+    raise ConfigError("config has no `sweep` group; a sweep config is built by "
+                      "configs/ablations/*.py")
+  s = cfg.sweep
+  _check_fields(s)
+  get = lambda k, d: s[k] if k in s else d  # noqa: E731
+  scale, metric, smoke = get("scale", "cpu"), get("metric", "eval_cross_entropy"), bool(get(
+      "smoke", False))
+  raw_members, seeds = _as_list(get("members", []), "members"), _as_list(get("seeds", [0]), "seeds")
+  scales = _named_overrides(get("scales", []), "scales")
+  bad = [x["name"] for x in scales if x["name"] not in SCALES]
+  if bad:
+    raise ConfigError(f"sweep.scales: names must be in {list(SCALES)}, got {bad}")
+  scale_overrides = next((x["overrides"] for x in scales if x["name"] == scale), {})
+  eval_overrides = _named_overrides(get("eval_overrides", []), "eval_overrides")
+
+  base = base_config(cfg)
+  for p, v in scale_overrides.items():
+    apply_override(base, p, v, f"sweep.scales[{scale}]")
+  for e in eval_overrides:  # checked on a scratch copy so a typo fails before training
+    scratch = copy.deepcopy(base)
+    for p, v in e["overrides"].items():
+      apply_override(scratch, p, v, f"sweep.eval_overrides[{e['name']}]")
+
+  members = _members(raw_members, scale)
 
   published = [check_claim(pub, i, [m.name for m in members], metric,
                            bool(get("higher_is_better", False)),
@@ -320,21 +354,7 @@ def expand(cfg, workdir: str | None = None) -> Sweep:
     from moe.data.pipeline import data_dir_for  # pylint: disable=g-import-not-at-top
     base.data.tfds_data_dir = data_dir_for("", workdir)
 
-  runs = []
-  for seed in seeds:
-    for m in members:
-      c = copy.deepcopy(base)
-      for p, v in m.overrides.items():
-        apply_override(c, p, v, f"sweep member {m.name}")
-      apply_override(c, "train.seed", seed, f"sweep member {m.name}")
-      if SEED_FIELD in c.train.init_from:  # each seed reads its own parent
-        c.train.init_from = c.train.init_from.replace(SEED_FIELD, str(seed))
-      if smoke:
-        for p, v in SMOKE_OVERRIDES.items():
-          apply_override(c, p, v, "sweep smoke mode")
-      _validate_run_config(c, f"sweep member {m.name} (seed {seed})")
-      runs.append(Run(m.name, seed, c))
-
+  runs = _runs(base, members, seeds, smoke)
   return Sweep(title=str(get("title", "")), paper=str(get("paper", "")),
                config_file=str(get("config_file", "")), metric=metric,
                higher_is_better=bool(get("higher_is_better", False)), scale=scale, smoke=smoke,

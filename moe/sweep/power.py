@@ -52,10 +52,14 @@ def _detectable(c: dict, test: stats.Test, n: int) -> float:
   return stats.mde(test.sd, n)
 
 
-def plan(data: dict, minutes: float = 60.0, cores: int = 2) -> dict:
+def plan(data: dict, minutes: float = 60.0, cores: int = 2, parent: dict | None = None) -> dict:
   """{"seeds_run", "members", "minutes_per_seed", "seeds", "runs", "wall_minutes", "tests"}:
-  the afforded seed count and, per test, its sd and detectable effects (see module doc)."""
+  the afforded seed count and, per test, its sd and detectable effects (see module doc).
+  `parent`: the collected parent sweep of a table whose seeds each need their own parent (its
+  cost per seed is added)."""
   per_seed = seed_cost_minutes(data)
+  if parent is not None and per_seed is not None:
+    per_seed += seed_cost_minutes(parent) or 0.0
   n = afforded_seeds(per_seed, minutes, cores)
   seeds_run = len(data["sweep"]["seeds"])
   tests = []
@@ -85,11 +89,14 @@ def _num(x, fmt: str = ".4f") -> str:
   return format(x, fmt)
 
 
-def render(data: dict, p: dict, minutes: float, cores: int, workdir: str) -> str:
+def render(data: dict, p: dict, minutes: float, cores: int, workdir: str,
+           parent: str | None = None) -> str:
   sw = data["sweep"]
+  with_parent = f", its parent from `{parent}` included" if parent else ""
   lines = [f"### {sw['title']}", "",
            f"`{workdir}`: {p['members']} members x {p['seeds_run']} seeds; "
-           f"{_num(p['minutes_per_seed'], '.2f')} one-core minutes per seed (all members). "
+           f"{_num(p['minutes_per_seed'], '.2f')} one-core minutes per seed (all members"
+           f"{with_parent}). "
            f"Budget {minutes:g} minutes on {cores} cores: **{_num(p['seeds'], 'd')} seeds**, "
            f"{_num(p['runs'], 'd')} runs, about {_num(p['wall_minutes'], '.0f')} minutes.", "",
            f"| claim | test | kind | paired sd | detectable at {p['seeds_run']} seeds | "
@@ -110,18 +117,26 @@ def main(argv=None) -> None:
                   help="a finished sweep's workdir (runs/<table>); repeat for several")
   ap.add_argument("--minutes", type=float, default=60.0, help="wall-time budget per table")
   ap.add_argument("--cores", type=int, default=2, help="runs side by side (one per core)")
+  ap.add_argument("--parent", action="append", default=[],
+                  help="the parent sweep's workdir of each --workdir whose seeds each train a "
+                       "parent first (upcycling, fine-tuning); '' for none")
   args = ap.parse_args(argv)
   if not (args.minutes > 0 and args.cores >= 1):
     print("error: --minutes must be > 0 and --cores >= 1", file=sys.stderr)
     raise SystemExit(2)
+  if args.parent and len(args.parent) != len(args.workdir):
+    print("error: --parent must be given once per --workdir ('' for none)", file=sys.stderr)
+    raise SystemExit(2)
   out = []
-  for w in args.workdir:
+  for w, parent_dir in zip(args.workdir, args.parent or [""] * len(args.workdir)):
     try:
       data = report.collect(w)
+      parent = report.collect(parent_dir) if parent_dir else None
     except (ConfigError, OSError) as e:
       print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
       raise SystemExit(2) from None
-    out.append(render(data, plan(data, args.minutes, args.cores), args.minutes, args.cores, w))
+    p = plan(data, args.minutes, args.cores, parent)
+    out.append(render(data, p, args.minutes, args.cores, w, parent_dir or None))
   print("\n".join(out))
 
 

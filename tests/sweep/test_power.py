@@ -64,3 +64,8 @@ def test_render_and_cli_errors(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     power.main(["--workdir", str(tmp_path)])
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_parent_cost_is_added_per_seed():
+  table, parent = _data(wall_s=30.0), _data(wall_s=15.0)  # 1 + 0.5 one-core minutes a seed
+  assert power.plan(table, minutes=60, cores=2, parent=parent)["seeds"] == 80

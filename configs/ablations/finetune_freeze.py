@@ -28,11 +28,17 @@ Two commands (the sweep runner has no step that trains a shared parent first):
        python launch.py --config=configs/ablations/finetune_freeze.py \\
            --workdir=runs/finetune_freeze
 
-Use the same `--config.sweep.scale` for both. CPU time: one parent of 1000 steps (MoE in every
-block) took 1 min 36 s and the previous table (12 runs of 150 steps) 2 min 59 s (measured
-2026-11-29 on the 2-core CPU with a second table running alongside). ESTIMATE now: the parents
-3 runs, about 4 min; the table 4 members x 3 seeds = 12 runs of 400 steps with 20 evaluations
-each, about 12 min (not measured).
+Use the same `--config.sweep.scale` for both. CPU time, measured 2026-12-01 on the 2-core CPU
+with the upcycling table running alongside: the 3 parents 2 min 27 s, the table 4 members x 3
+seeds = 12 runs of 400 steps with 20 evaluations each 6 min 42 s (402 s of training); results in
+experiments/ablation_results/finetune_freeze/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/finetune_freeze
+--parent=runs/finetune_freeze_parent` on that run; experiments/ablation_results/POWER.md): 3.00
+one-core minutes a seed with its parent, so 60 minutes on 2 cores afford 39 seeds (39 parents and
+156 runs); projected from the measured paired sd, the detectable effects fall from 0.047 / 0.038
+/ 0.027 nats (claims A / B / C) at 3 seeds to 0.008 / 0.007 / 0.005 at 39. The committed results
+are still the 3-seed run.
 """
 
 import os
@@ -55,6 +61,7 @@ FINETUNE_ACCELERATOR = {**ARCH_ACCELERATOR, "data.text_dir": os.path.join(_TESTS
                         "train.eval_every": 100, "train.eval_batches": 1,  # 64 KB < 87 KB held out
                         "train.learning_rate": 3e-4,
                         "train.warmup_steps": 100}
+SEEDS = 39  # seeds 0 .. 38 (and their parents), from power (docstring)
 METRIC = "min_eval_cross_entropy"  # best evaluation of the run (moe.sweep.report.MIN_PREFIX)
 
 
@@ -63,7 +70,8 @@ def get_config(arg: str = ""):
     return _base.make_config(
         __file__, title="finetune_freeze parents: MoE models pretrained on pystdlib, one per seed",
         paper="(parent runs of configs/ablations/finetune_freeze.py)", members=[{}],
-        published=[], cpu=ARCH_CPU, accelerator=ARCH_ACCELERATOR, smoke_members=(0,))
+        published=[], cpu=ARCH_CPU, accelerator=ARCH_ACCELERATOR, smoke_members=(0,),
+        seeds=SEEDS)
   if arg:
     raise ValueError(f"configs/ablations/finetune_freeze.py takes no argument or ':parent', "
                      f"got {arg!r}")
@@ -95,4 +103,5 @@ def get_config(arg: str = ""):
              "evaluations (the trainer keeps no best checkpoint); selected and reported on the "
              "same held-out files."],
       smoke_members=(0, 1),
+      seeds=SEEDS,
   )

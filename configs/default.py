@@ -95,6 +95,12 @@ def get_config():
   c.moe.group_score = "max"  # max (DeepSeek-V2) | top2_sum (DeepSeek-V3)
   c.moe.shared_expert_hidden = config_dict.placeholder(int)  # None = moe.expert_hidden
   c.moe.shared_expert_gate = False  # sigmoid gate on the shared experts (Qwen2-MoE)
+  c.moe.k_rule = "fixed"  # fixed | top_p | top_p_target (adaptive k; num_selected is then k_max)
+  c.moe.top_p = 0.5  # top_p: threshold on the cumulative router prob; top_p_target: start value
+  c.moe.k_min = 1  # adaptive k: experts every token takes at least
+  c.moe.target_k = config_dict.placeholder(float)  # top_p_target: mean k to steer to
+  c.moe.top_p_rate = 1e-3  # top_p_target: threshold step per training step
+  c.moe.router_entropy_weight = 0.0  # weight of the router-entropy loss (Huang et al. 2024)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500  # optimizer steps

@@ -23,6 +23,10 @@ DTYPES = ("float32", "bfloat16")
 ROUTER_DTYPES = DTYPES + ("bfloat16_full",)
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
+# How many experts a token takes (docs/semantics.md, "Adaptive k"): always K ("fixed"); by
+# cumulative router probability up to a threshold ("top_p"); the same with the threshold steered
+# toward a target mean k by a controller ("top_p_target").
+K_RULES = ("fixed", "top_p", "top_p_target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,12 @@ class MoeConfig:
   group_score: str = "max"  # one of GROUP_SCORES: max (DeepSeek-V2) | top2_sum (DeepSeek-V3)
   shared_expert_hidden: int | None = None  # width of each shared expert; None = expert_hidden
   shared_expert_gate: bool = False  # shared output x sigmoid(x @ w[D, 1]) (Qwen2-MoE)
+  k_rule: str = "fixed"  # one of K_RULES; adaptive rules take num_selected as k_max
+  top_p: float = 0.5  # threshold p in (0, 1] ("top_p"); its start value ("top_p_target")
+  k_min: int = 1  # adaptive rules: every token takes at least this many experts
+  target_k: float | None = None  # "top_p_target": mean k the controller steers to
+  top_p_rate: float = 1e-3  # "top_p_target": p += rate * sign(target_k - mean k) per step
+  router_entropy_weight: float = 0.0  # weight of the router-entropy loss (Huang et al. 2024)
 
   def capacity_factor_for(self, train: bool) -> float | None:
     return self.capacity_factor if train else self.eval_capacity_factor
@@ -105,6 +115,7 @@ def validate_moe(m: MoeConfig, *, causal: bool = True, prefix: str = "moe") -> N
       raise ConfigError(f"{prefix}.priority='bpr' reads future tokens in a causal decoder; "
                         f"set {prefix}.allow_noncausal_routing=True to force it")
   _validate_router_options(m, prefix)
+  _validate_k_rule(m, prefix)
   if m.router == "expert_choice" and m.capacity_factor is None:
     raise ConfigError(f"{prefix}.capacity_factor must be > 0 for router='expert_choice' "
                       f"(each expert takes C tokens), got None")
@@ -143,3 +154,25 @@ def _validate_router_options(m: MoeConfig, prefix: str) -> None:
                         f"(expert choice supports only {name}={default!r})")
   if m.shared_expert_gate and not m.num_shared_experts:
     raise ConfigError(f"{prefix}.shared_expert_gate=True needs {prefix}.num_shared_experts >= 1")
+
+
+def _validate_k_rule(m: MoeConfig, prefix: str) -> None:
+  """Adaptive k: the rule, threshold, k_min, target and controller step, entropy loss weight."""
+  check_choice(f"{prefix}.k_rule", m.k_rule, K_RULES)
+  check_number(f"{prefix}.top_p", m.top_p, 0.0, 1.0, low_open=True)
+  check_int(f"{prefix}.k_min", m.k_min, 1, high=m.num_selected)
+  check_number(f"{prefix}.top_p_rate", m.top_p_rate, 0.0, math.inf)
+  check_number(f"{prefix}.router_entropy_weight", m.router_entropy_weight, 0.0, math.inf)
+  if m.k_rule == "top_p_target":
+    check_number(f"{prefix}.target_k", m.target_k, m.k_min, m.num_selected)
+  if m.k_rule != "fixed" and m.router == "expert_choice":
+    raise ConfigError(f"{prefix}.k_rule={m.k_rule!r} needs {prefix}.router='token_choice' "
+                      f"(in expert choice the experts pick the tokens; use k_rule='fixed')")
+
+
+def capacity_k(m: MoeConfig) -> float:
+  """The K in C = capacity_factor * K * T / E: target_k under "top_p_target" (the controller
+  holds the mean k there, so the factor keeps its meaning of slack over the mean load), else
+  num_selected (fixed k; and "top_p", whose mean k is not known in advance: the buffers of a
+  fixed-K layer, so an expert overflows only where that layer's would)."""
+  return float(m.target_k) if m.k_rule == "top_p_target" else m.num_selected

@@ -103,8 +103,9 @@ class ExpertParallel:
 
   # ------------------------------------------------------------------------------ routing
 
-  def route(self, route_fn, logits_GTE, mask_GT, bias_E):
-    """`route_fn(logits_GTE, mask_GT, bias_E_or_None) -> Routing`, run per device on its groups.
+  def route(self, route_fn, logits_GTE, mask_GT, bias_E, top_p=None):
+    """`route_fn(logits_GTE, mask_GT, bias_E_or_None, top_p_or_None) -> Routing`, run per
+    device on its groups (`top_p`: the adaptive-k threshold, a scalar every device shares).
 
     route_fn must treat groups independently (every router here does). Returns the global
     Routing, its arrays sharded on G like the tokens.
@@ -112,20 +113,24 @@ class ExpertParallel:
     spec = self.spec(("act_group", None, None))
     spec2 = self.spec(("act_group", None))
     static = {}
-    has_bias = bias_E is not None
+    has_bias, has_top_p = bias_E is not None, top_p is not None
 
-    def local(logits, mask, bias):
-      r = route_fn(logits, mask, bias if has_bias else None)
-      static.update(capacity=r.capacity, kind=r.kind)
-      return (r.expert_index, r.combine_weights, r.slot, r.probs, r.logits, r.token_mask)
+    def local(logits, mask, bias, p):
+      r = route_fn(logits, mask, bias if has_bias else None, p if has_top_p else None)
+      static.update(capacity=r.capacity, kind=r.kind, adaptive=r.selected is not None)
+      selected = r.selected if r.selected is not None else jnp.zeros(r.slot.shape, bool)
+      return (r.expert_index, r.combine_weights, r.slot, r.probs, r.logits, r.token_mask,
+              selected)
 
     bias_in = bias_E if has_bias else jnp.zeros((logits_GTE.shape[-1],), jnp.float32)
-    call = jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec2, P()),
-                         out_specs=(spec, spec, spec, spec, spec, spec2))
-    ei, cw, slot, probs, logits, mask = call(logits_GTE, mask_GT, bias_in)
+    p_in = jnp.asarray(top_p if has_top_p else 1.0, jnp.float32)
+    call = jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec2, P(), P()),
+                         out_specs=(spec, spec, spec, spec, spec, spec2, spec))
+    ei, cw, slot, probs, logits, mask, selected = call(logits_GTE, mask_GT, bias_in, p_in)
     return routing_lib.Routing(expert_index=ei, combine_weights=cw, slot=slot, probs=probs,
-                               logits=logits, token_mask=mask, capacity=static["capacity"],
-                               kind=static["kind"])
+                               logits=logits, token_mask=mask,
+                               selected=selected if static["adaptive"] else None,
+                               capacity=static["capacity"], kind=static["kind"])
 
   # ------------------------------------------------------------------------------ experts
 

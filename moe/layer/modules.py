@@ -53,7 +53,7 @@ from moe.layer import dispatch
 from moe.layer import expert_parallel
 from moe.layer import routing as routing_lib
 from moe.layer import sown
-from moe.layer.config import MoeConfig, validate_moe
+from moe.layer.config import MoeConfig, capacity_k, validate_moe
 
 
 def _init(in_axis: int, batch_axis: tuple[int, ...] = ()):
@@ -200,6 +200,22 @@ def group_tokens(x_BLD, mask_BL, group_size: int | None):
   return x_ND.reshape(g, t, d), mask_N.reshape(g, t), n
 
 
+def expert_flops(cfg: MoeConfig, d_model: int) -> int:
+  """Forward FLOPs of one routed assignment (one token through one expert MLP): 2*3*D*F for
+  SwiGLU (three [D, F] matmuls), 2*2*D*F for GELU; routing, combine and shared experts are not
+  counted. `active_expert_flops_per_token` = this x kept assignments per real token."""
+  return (6 if cfg.expert_mlp == "swiglu" else 4) * d_model * cfg.expert_hidden
+
+
+def _threshold(cfg: MoeConfig, top_p_var):
+  """The top-p threshold in use (a float32 scalar, stop-gradient), or None for fixed k."""
+  if cfg.k_rule == "top_p":
+    return jnp.asarray(cfg.top_p, jnp.float32)
+  if top_p_var is not None:
+    return jax.lax.stop_gradient(top_p_var.value)
+  return None
+
+
 class MoeLayer(nn.Module):
   """The MoE feed-forward layer (see the module docstring for the full contract)."""
 
@@ -227,8 +243,14 @@ class MoeLayer(nn.Module):
     group_size = cfg.group_size if ep is None else ep.routing_group_size(cfg.group_size, b, l)
     x_GTD, mask_GT, n = group_tokens(x_BLD, mask_BL, group_size)
     g, t, d = x_GTD.shape
-    capacity = routing_lib.capacity_for(t, e, k, cfg.capacity_factor_for(train), cfg.min_capacity)
+    capacity = routing_lib.capacity_for(t, e, capacity_k(cfg), cfg.capacity_factor_for(train),
+                                        cfg.min_capacity)
 
+    top_p_var = None
+    if cfg.k_rule == "top_p_target":
+      top_p_var = self.variable(
+          "moe_bias", "top_p",
+          nn.with_logical_partitioning(lambda: jnp.asarray(cfg.top_p, jnp.float32), ()))
     bias_var = None
     if cfg.bias_balancing:
       bias_var = self.variable(
@@ -242,7 +264,7 @@ class MoeLayer(nn.Module):
     if cfg.router == "expert_choice" and capacity is None:
       capacity = t  # validate_moe refuses a None train factor; eval may still be None
 
-    def route(logits_GTE, mask_GT, bias_E):
+    def route(logits_GTE, mask_GT, bias_E, top_p):
       if cfg.router == "expert_choice":
         return routing_lib.expert_choice_routing(logits_GTE, capacity=capacity,
                                                  padding_mask=mask_GT, dtype=routing_dtype)
@@ -251,11 +273,12 @@ class MoeLayer(nn.Module):
           padding_mask=mask_GT, renormalize=cfg.renormalize, score_func=cfg.score_func,
           routed_scale=cfg.routed_scale, num_groups=cfg.num_groups,
           groups_selected=cfg.groups_selected, group_score=cfg.group_score,
-          dtype=routing_dtype)
+          dtype=routing_dtype, top_p=top_p, k_min=cfg.k_min)
 
     bias_E = None if bias_var is None else jax.lax.stop_gradient(bias_var.value)
-    routing = (route(logits_GTE, mask_GT, bias_E) if ep is None
-               else ep.route(route, logits_GTE, mask_GT, bias_E))
+    top_p = _threshold(cfg, top_p_var)
+    routing = (route(logits_GTE, mask_GT, bias_E, top_p) if ep is None
+               else ep.route(route, logits_GTE, mask_GT, bias_E, top_p))
 
     # The strategy ("auto" included) is resolved, and a bad one refused, by apply_experts.
     y_GTD = Experts(e, cfg.expert_hidden, cfg.expert_mlp, cfg.dispatch, self.dtype,
@@ -268,18 +291,27 @@ class MoeLayer(nn.Module):
 
     lb = routing_lib.load_balancing_loss(routing)
     z = routing_lib.router_z_loss(routing)
+    aux = cfg.load_balance_weight * lb + cfg.z_loss_weight * z
+    if cfg.router_entropy_weight:  # a Python check: the default loss keeps its exact bits
+      aux = aux + cfg.router_entropy_weight * routing_lib.router_entropy_loss(routing)
     stats = routing_lib.routing_metrics(routing)
     bias_norm = jnp.zeros((), jnp.float32)
+    update = train and not self.is_initializing() and self.is_mutable_collection("moe_bias")
     if bias_var is not None:
       bias_norm = jnp.linalg.norm(bias_var.value)
-      if train and not self.is_initializing() and self.is_mutable_collection("moe_bias"):
+      if update:
         bias_var.value = routing_lib.update_bias(bias_var.value, stats["load"], cfg.bias_rate)
+    if top_p_var is not None and update:
+      top_p_var.value = routing_lib.update_top_p(top_p_var.value, stats["mean_k"], cfg.target_k,
+                                                 cfg.top_p_rate)
     self.sow("intermediates", sown.STATS, {
-        "aux_loss": cfg.load_balance_weight * lb + cfg.z_loss_weight * z,
+        "aux_loss": aux,
         "load_balance_loss": lb,
         "z_loss": z,
         **stats,
+        "active_expert_flops_per_token": stats["mean_kept_k"] * expert_flops(cfg, d),
+        "top_p": jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
         "bias_norm": bias_norm,
     })
-    self.sow("intermediates", sown.ROUTING, {k: getattr(routing, k) for k in sown.ROUTING_KEYS})
+    self.sow("intermediates", sown.ROUTING, sown.routing_entry(routing))
     return y_BLD.astype(self.dtype)

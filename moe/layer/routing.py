@@ -46,6 +46,11 @@ class Routing:
       token. Feeds the balancing loss (P_e), router_entropy, top1_prob and BPR priority.
   logits[G, T, E] float32 (or the router's `dtype`): router logits.
   token_mask[G, T] bool: True for real (non-padding) tokens.
+  selected[G, T, K] bool, or None: with an adaptive k (`top_k_routing(top_p=...)`) the
+      assignments the router made (a prefix of each real token's K slots, before any capacity
+      drop); the slots past a token's k have slot -1 and weight 0 and are not choices at all:
+      not in the load, f_e or dropped_fraction (see `selected_mask`). None: every slot of every
+      real token is a choice (fixed k, expert choice).
   capacity: C (static int), or None when dropless.
   kind: "token_choice", or "expert_choice" (then K = E, expert_index[..., t, e] = e, and an
       assignment is "selected" only where the expert took the token; see `selected_mask`).
@@ -57,6 +62,7 @@ class Routing:
   probs: jax.Array
   logits: jax.Array
   token_mask: jax.Array
+  selected: jax.Array | None = None
   capacity: int | None = flax.struct.field(pytree_node=False, default=None)
   kind: str = flax.struct.field(pytree_node=False, default=TOKEN_CHOICE)
 
@@ -124,7 +130,8 @@ def _maybe_squeeze(r: Routing, squeeze: bool) -> Routing:
     return r
   return r.replace(expert_index=r.expert_index[0], combine_weights=r.combine_weights[0],
                    slot=r.slot[0], probs=r.probs[0], logits=r.logits[0],
-                   token_mask=r.token_mask[0])
+                   token_mask=r.token_mask[0],
+                   selected=None if r.selected is None else r.selected[0])
 
 
 def _buffer_positions(expert_TK, valid_TK, order_T, num_experts):
@@ -167,10 +174,30 @@ def _group_mask(select_GTE, num_groups: int, groups_selected: int, group_score: 
   return jnp.repeat(keep_GTN, e // num_groups, axis=-1)
 
 
+def adaptive_choices(probs_GTE, expert_GTK, top_p, k_min: int):
+  """[G, T, K] bool: the slots a token takes under the top-p rule (docs/semantics.md, "Adaptive k").
+
+  Slot j (choice order) is taken iff the probs of the experts in slots 0..j-1 sum to < top_p,
+  or j < k_min, or top_p >= 1: so k = the smallest k whose first k probs sum to >= top_p,
+  clamped to [k_min, K], and top_p = 1 takes all K whatever the float rounding. The sum runs
+  in float32 over `probs` (softmax, or sigmoid scores normalised to sum 1) in the selection
+  order, which a balancing bias may have changed (the bias orders, the probs count). Being a
+  running sum of non-negative terms it never decreases, so the taken slots are a prefix.
+  `top_p` may be traced (the controller moves it).
+  """
+  p_GTK = jnp.take_along_axis(probs_GTE.astype(jnp.float32), expert_GTK, axis=-1)
+  cum_GTK = jnp.cumsum(p_GTK, axis=-1)
+  before_GTK = jnp.concatenate([jnp.zeros_like(cum_GTK[..., :1]), cum_GTK[..., :-1]], axis=-1)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  first_GTK = jnp.arange(expert_GTK.shape[-1]) < k_min
+  return (before_GTK < top_p) | first_GTK | (top_p >= 1.0)
+
+
 def _select(logits_GTE, num_selected, bias, score_func, num_groups, groups_selected,
-            group_score, renormalize, routed_scale):
-  """(expert [G,T,K] int32, gate [G,T,K], probs [G,T,E]): choices, combine weights (before
-  capacity) and `Routing.probs` (see `top_k_routing`), in the logits' dtype."""
+            group_score, renormalize, routed_scale, top_p=None, k_min=1):
+  """(expert [G,T,K] int32, gate [G,T,K], probs [G,T,E], chosen [G,T,K] bool or None): choices,
+  combine weights (before capacity), `Routing.probs` (see `top_k_routing`), in the logits'
+  dtype, and with `top_p` the slots taken (`adaptive_choices`; gates elsewhere are 0)."""
   tiny = jnp.finfo(logits_GTE.dtype).tiny
   if score_func == "sigmoid":
     scores_GTE = jax.nn.sigmoid(logits_GTE)
@@ -184,19 +211,25 @@ def _select(logits_GTE, num_selected, bias, score_func, num_groups, groups_selec
   _, expert_GTK = jax.lax.top_k(select_GTE, num_selected)
   expert_GTK = expert_GTK.astype(jnp.int32)
   gate_GTK = jnp.take_along_axis(scores_GTE, expert_GTK, axis=-1)
+  chosen_GTK = None
+  if top_p is not None:
+    chosen_GTK = adaptive_choices(probs_GTE, expert_GTK, top_p, k_min)
+    gate_GTK = jnp.where(chosen_GTK, gate_GTK, jnp.zeros((), gate_GTK.dtype))
   if renormalize and score_func == "sigmoid":  # DeepSeek-V3: s_k / (sum of the K s + 1e-20)
     gate_GTK = gate_GTK / (gate_GTK.sum(-1, keepdims=True) + 1e-20)
   elif renormalize:
     gate_GTK = gate_GTK / jnp.maximum(gate_GTK.sum(-1, keepdims=True), tiny)
   if routed_scale != 1.0:
     gate_GTK = gate_GTK * jnp.asarray(routed_scale, gate_GTK.dtype)
-  return expert_GTK, gate_GTK, probs_GTE
+  return expert_GTK, gate_GTK, probs_GTE, chosen_GTK
 
 
 def _check_top_k_args(e, num_selected, priority, capacity, score_func, num_groups,
-                      groups_selected, group_score):
+                      groups_selected, group_score, k_min=1):
   if not isinstance(num_selected, int) or not 1 <= num_selected <= e:
     raise ValueError(f"num_selected must be an int in [1, E={e}], got {num_selected!r}")
+  if not isinstance(k_min, int) or not 1 <= k_min <= num_selected:
+    raise ValueError(f"k_min must be an int in [1, K={num_selected}], got {k_min!r}")
   if priority not in ("choice_major", "bpr"):
     raise ValueError(f"priority must be one of ['choice_major', 'bpr'], got {priority!r}")
   if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
@@ -219,7 +252,8 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
                   priority: str = "choice_major", bias=None, padding_mask=None,
                   renormalize: bool = True, score_func: str = "softmax",
                   routed_scale: float = 1.0, num_groups: int = 1, groups_selected: int = 1,
-                  group_score: str = "max", dtype=jnp.float32) -> Routing:
+                  group_score: str = "max", dtype=jnp.float32, top_p=None,
+                  k_min: int = 1) -> Routing:
   """Token-choice top-K routing with an optional per-expert capacity.
 
   logits [G, T, E] or [T, E] (a 2-D input returns 2-D arrays). Per-expert scores s are
@@ -237,16 +271,24 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
   tokens (`padding_mask` False) are never routed and never take a buffer slot. `dtype`
   (float32 or bfloat16): what the logits, scores, probs and combine weights are computed and
   returned in (module docstring, "Precision").
+
+  Adaptive k (`top_p` not None, a float or traced scalar; docs/semantics.md "Adaptive k"): K
+  is k_max, and each real token takes the prefix of its K choices that `adaptive_choices`
+  picks (k in [k_min, K]); `renormalize` then divides by the sum over those only. The other
+  slots are not selected: slot -1, weight 0, False in `Routing.selected`; they take no buffer
+  position and never push a choice out. `top_p=None` is fixed top-K (`selected` None).
   """
   logits_GTE, mask_GT, squeeze = _as_groups(logits, padding_mask, dtype)
   e = logits_GTE.shape[-1]
   _check_top_k_args(e, num_selected, priority, capacity, score_func, num_groups,
-                    groups_selected, group_score)
-  expert_GTK, gate_GTK, probs_GTE = _select(
+                    groups_selected, group_score, k_min)
+  expert_GTK, gate_GTK, probs_GTE, chosen_GTK = _select(
       logits_GTE, num_selected, bias, score_func, num_groups, groups_selected, group_score,
-      renormalize, routed_scale)
+      renormalize, routed_scale, top_p, k_min)
 
   valid_GTK = jnp.broadcast_to(mask_GT[..., None], expert_GTK.shape)
+  if chosen_GTK is not None:
+    valid_GTK = valid_GTK & chosen_GTK
   t = logits_GTE.shape[1]
   if priority == "bpr":
     order_GT = jnp.argsort(-probs_GTE.max(-1), axis=-1, stable=True).astype(jnp.int32)
@@ -259,8 +301,8 @@ def top_k_routing(logits, *, num_selected: int, capacity: int | None,
       expert_index=expert_GTK,
       combine_weights=jnp.where(kept_GTK, gate_GTK, 0.0).astype(logits_GTE.dtype),
       slot=jnp.where(kept_GTK, pos_GTK, -1).astype(jnp.int32),
-      probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT, capacity=capacity,
-      kind=TOKEN_CHOICE)
+      probs=probs_GTE, logits=logits_GTE, token_mask=mask_GT,
+      selected=None if chosen_GTK is None else valid_GTK, capacity=capacity, kind=TOKEN_CHOICE)
   return _maybe_squeeze(routing, squeeze)
 
 
@@ -314,6 +356,14 @@ def update_bias(bias, load, rate: float):
   return jnp.asarray(bias, jnp.float32) + rate * jnp.sign(load.mean() - load)
 
 
+def update_top_p(top_p, mean_k, target_k: float, rate: float):
+  """clip(p + rate * sign(target_k - mean_k), 0, 1): too few experts per token raise the
+  threshold, too many lower it (the "top_p_target" controller; docs/semantics.md "Adaptive k").
+  At 0 every token takes k_min experts, at 1 all K."""
+  step = rate * jnp.sign(jnp.float32(target_k) - jnp.asarray(mean_k, jnp.float32))
+  return jnp.clip(jnp.asarray(top_p, jnp.float32) + step, 0.0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses and metrics (pooled over all real tokens of all groups)
 
@@ -321,11 +371,13 @@ def update_bias(bias, load, rate: float):
 def selected_mask(routing: Routing):
   """[..., T, K] bool: assignments the router made, before any capacity drop, padding excluded.
 
-  Token choice: every choice of every real token. Expert choice: the (token, expert) pairs the
+  Token choice: every choice of every real token (adaptive k: the slots it took, `Routing.selected`). Expert choice: the (token, expert) pairs the
   experts took (there is no "before dropping" there; capacity is the selection itself).
   """
   if routing.kind == EXPERT_CHOICE:
     return (routing.slot >= 0) & routing.token_mask[..., None]
+  if routing.selected is not None:  # adaptive k: the prefix each token took
+    return routing.selected & routing.token_mask[..., None]
   return jnp.broadcast_to(routing.token_mask[..., None], routing.expert_index.shape)
 
 
@@ -362,10 +414,34 @@ def router_z_loss(routing: Routing):
   return _mean_over_tokens(z * z, routing.token_mask)
 
 
+def router_entropy_loss(routing: Routing):
+  """Mean over real tokens of the entropy -sum_e p_e log p_e of `probs`, with its gradient: Huang
+  et al.'s (2024) dynamic loss, which pushes each token toward a confident router distribution
+  and so toward a small top-p k."""
+  p = routing.probs.astype(jnp.float32)
+  safe = jnp.where(p > 0, p, 1.0)
+  entropy_T = -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=-1)
+  return _mean_over_tokens(entropy_T, routing.token_mask)
+
+
+def k_metrics(sel, kept, token_mask) -> dict:
+  """mean_k (choices per real token, before drops), mean_kept_k (kept assignments per real
+  token) and k_hist [K+1] (share of real tokens with k = 0, 1, ..., K choices; k = 0 happens
+  only in expert choice), from selected / kept [..., T, K] bool and token_mask [..., T]."""
+  m = token_mask.astype(jnp.float32)
+  n = jnp.maximum(m.sum(), 1.0)
+  k_T = sel.sum(-1)
+  kept_T = (kept & token_mask[..., None]).sum(-1)
+  onehot = jax.nn.one_hot(k_T, sel.shape[-1] + 1, dtype=jnp.float32) * m[..., None]
+  return {"mean_k": (k_T * m).sum() / n, "mean_kept_k": (kept_T * m).sum() / n,
+          "k_hist": onehot.reshape(-1, sel.shape[-1] + 1).sum(0) / n}
+
+
 def routing_metrics(routing: Routing) -> dict:
   """load [E], max_over_mean_load, dropped_fraction, tokens_dropped_fraction, router_entropy,
-  top1_prob (all float32; stop-gradient). Dropped = selected but given no slot; a token counts
-  as dropped when none of its assignments kept a slot (expert choice: no expert took it)."""
+  top1_prob, mean_k, mean_kept_k, k_hist [K+1] (`k_metrics`) (all float32; stop-gradient).
+  Dropped = selected but given no slot; a token counts as dropped when none of its assignments
+  kept a slot (expert choice: no expert took it)."""
   r = jax.tree_util.tree_map(jax.lax.stop_gradient, routing)
   load_E = expert_load(r)
   sel = selected_mask(r)
@@ -383,4 +459,5 @@ def routing_metrics(routing: Routing) -> dict:
                                                    r.token_mask),
       "router_entropy": _mean_over_tokens(entropy_T, r.token_mask),
       "top1_prob": _mean_over_tokens(p.max(-1), r.token_mask),
+      **k_metrics(sel, kept, r.token_mask),
   }

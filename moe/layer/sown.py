@@ -8,10 +8,13 @@
 `sow` does nothing and the layer's outputs are the same either way):
 
 - `STATS` ("moe"): the losses and routing metrics of docs/semantics.md (aux_loss, ...,
-  bias_norm: float32 scalars, and load [E]).
+  mean_k, mean_kept_k, active_expert_flops_per_token, top_p, bias_norm: float32 scalars; load
+  [E] and k_hist [K+1]).
 - `ROUTING` ("routing"): the routing of every token, `ROUTING_KEYS` as in
   `moe.layer.routing.Routing`: expert_index [G, T, K] int32, combine_weights [G, T, K] float32,
-  slot [G, T, K] int32 (-1: dropped or padding). Tokens are the layer's B*L inputs, batch-major,
+  slot [G, T, K] int32 (-1: dropped, padding or not selected), selected [G, T, K] bool (the
+  router's choices before capacity, `moe.layer.routing.selected_mask`: with an adaptive k only
+  a prefix of each token's K slots). Tokens are the layer's B*L inputs, batch-major,
   cut into G groups of T (the last group padded).
 
 Flax's `sow` appends, so an entry is a tuple holding one dict per call; under `nn.scan` every
@@ -25,11 +28,19 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
+from moe.layer import routing as routing_lib
+
 STATS = "moe"
 ROUTING = "routing"
-ROUTING_KEYS = ("expert_index", "combine_weights", "slot")
+ROUTING_KEYS = ("expert_index", "combine_weights", "slot", "selected")
 # Per entry: a key always present and its rank in one unscanned layer (one more: a scanned stack).
 _PROBE = {STATS: ("aux_loss", 0), ROUTING: ("expert_index", 3)}
+
+
+def routing_entry(routing) -> dict:
+  """The ROUTING dict of one `moe.layer.routing.Routing` (ROUTING_KEYS)."""
+  return {"expert_index": routing.expert_index, "combine_weights": routing.combine_weights,
+          "slot": routing.slot, "selected": routing_lib.selected_mask(routing)}
 
 
 def _natural(s: str):

@@ -50,7 +50,7 @@ OPTIONAL = {"model.vocab_size", "model.sliding_window", "model.logits_soft_cap",
             "model.q_lora_rank", "model.rope_original_max_len", "model.rope_attention_factor",
             "model.rope_mscale", "model.rope_mscale_all_dim",
             "moe.capacity_factor", "moe.eval_capacity_factor", "moe.group_size",
-            "moe.shared_expert_hidden"}
+            "moe.shared_expert_hidden", "moe.target_k"}
 FILL = "mesh.data=-1 cannot fill"  # a mesh axis too large for the 1 device the table assumes
 
 ROWS = {
@@ -126,6 +126,12 @@ ROWS = {
     "moe.group_score": ["sum", "top2"],
     "moe.shared_expert_hidden": [0, -1, BIG],
     "moe.shared_expert_gate": [True],  # a gate on no shared experts
+    "moe.k_rule": ["topp", "Top_p"],
+    "moe.top_p": [0.0, -0.1, 1.5],
+    "moe.k_min": [0, -1, 3],  # 3 > K=2
+    "moe.target_k": [0.5, 2.5],  # outside [k_min, K] = [1, 2]
+    "moe.top_p_rate": [-1.0],
+    "moe.router_entropy_weight": [-1.0],
     "train.steps": [0, -1, 3_000_000_000],
     "train.batch_size": [0, -1, BIG],
     "train.learning_rate": [0.0, -1.0],
@@ -180,6 +186,11 @@ COMBINATIONS = [
     ({"model.rope_type": "yarn", "model.rope_low_freq_factor": 2.0}, "model.rope_low_freq_factor"),
     ({"model.rope_type": "llama3", "model.positions": "learned"}, "model.positions"),
     ({"data.tokenizer": "sentencepiece", "data.sp_vocab_size": 300}, "data.sp_vocab_size"),
+    ({"moe.k_rule": "top_p_target"}, "moe.target_k"),  # the controller needs a target
+    ({"moe.k_rule": "top_p", "moe.router": "expert_choice",
+      "moe.allow_noncausal_routing": True}, "moe.k_rule"),
+    ({"moe.k_rule": "top_p_target", "moe.target_k": 1.5, "moe.k_min": 2}, "moe.target_k"),
+    ({"moe.k_rule": "top_p_target", "moe.target_k": 1.5}, None),
     ({"model.vocab_size": 259}, None),  # legal: exactly the byte tokenizer's ids
     ({"model.rope_type": "yarn", "model.rope_factor": 4.0, "model.rope_original_max_len": 64,
       "model.rope_mscale": 0.707, "model.rope_mscale_all_dim": 1.0}, None),

@@ -279,6 +279,8 @@ def routing_line(token_text: str, layers: list, index: int) -> str:
   for name, d in layers:
     chosen = []
     for k in range(d["expert_index"].shape[-1]):
+      if "selected" in d and not d["selected"][index, k]:
+        continue  # adaptive k: a slot this token did not take (neither chosen nor dropped)
       e, w, s = (int(d["expert_index"][index, k]), float(d["combine_weights"][index, k]),
                  int(d["slot"][index, k]))
       if s >= 0 and w > 0:

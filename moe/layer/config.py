@@ -163,16 +163,18 @@ def _validate_k_rule(m: MoeConfig, prefix: str) -> None:
   check_int(f"{prefix}.k_min", m.k_min, 1, high=m.num_selected)
   check_number(f"{prefix}.top_p_rate", m.top_p_rate, 0.0, math.inf)
   check_number(f"{prefix}.router_entropy_weight", m.router_entropy_weight, 0.0, math.inf)
-  if m.k_rule == "top_p_target":
+  if m.k_rule == "top_p_target" or m.target_k is not None:  # required there, else still sane
     check_number(f"{prefix}.target_k", m.target_k, m.k_min, m.num_selected)
   if m.k_rule != "fixed" and m.router == "expert_choice":
     raise ConfigError(f"{prefix}.k_rule={m.k_rule!r} needs {prefix}.router='token_choice' "
                       f"(in expert choice the experts pick the tokens; use k_rule='fixed')")
 
 
-def capacity_k(m: MoeConfig) -> float:
-  """The K in C = capacity_factor * K * T / E: target_k under "top_p_target" (the controller
-  holds the mean k there, so the factor keeps its meaning of slack over the mean load), else
-  num_selected (fixed k; and "top_p", whose mean k is not known in advance: the buffers of a
-  fixed-K layer, so an expert overflows only where that layer's would)."""
+def planned_k(m: MoeConfig) -> float:
+  """The experts per token a layer of this config is planned around: target_k under
+  "top_p_target" (the controller holds the mean k there), else num_selected (fixed k; and the
+  upper bound k_max under "top_p", whose mean k is not known in advance). It is the K of the
+  capacity C = capacity_factor * K * T / E (so the factor keeps its meaning of slack over the
+  mean load; under "top_p" the buffers of a fixed-K layer, so an expert overflows only where
+  that layer's would) and of the model FLOPs (`moe.model.flops`)."""
   return float(m.target_k) if m.k_rule == "top_p_target" else m.num_selected

@@ -23,13 +23,19 @@
    as Qwen2-MoE), and returns y in `dtype`.
 5. Sows two dicts into `intermediates` (`moe.layer.sown`, which also reads them back per
    layer): `moe` (aux_loss, load_balance_loss, z_loss, load, max_over_mean_load,
-   dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, bias_norm) and
-   `routing` (expert_index, combine_weights, slot [G, T, K]). Flax's `sow` appends, so each
+   dropped_fraction, tokens_dropped_fraction, router_entropy, top1_prob, mean_k, mean_kept_k,
+   k_hist, active_expert_flops_per_token, top_p, bias_norm) and `routing` (expert_index,
+   combine_weights, slot, selected [G, T, K]). Flax's `sow` appends, so each
    leaf is a 1-tuple holding the dict; nothing is collected unless `intermediates` is mutable.
 6. With `bias_balancing`, owns `moe_bias/bias` [E] f32 (zeros at init). When `train=True`, the
    collection is mutable and the module is not initializing, it writes
    `b + bias_rate * sign(mean(load) - load)` computed from this batch's load; the bias used for
    this batch's selection is the value before the update.
+7. Adaptive k (`k_rule`, docs/semantics.md "Adaptive k"): "top_p" routes with the threshold
+   `top_p`; "top_p_target" owns `moe_bias/top_p` (a float32 scalar, `top_p` at init), routes
+   with it and, under the same conditions as the bias, writes
+   `clip(p + top_p_rate * sign(target_k - mean_k), 0, 1)`. Capacity uses `planned_k`.
+   `router_entropy_weight` adds the router-entropy loss to aux_loss.
 
 Expert weights are SwiGLU `(silu(x W_gate) * x W_in) W_out` or GELU `gelu(x W_in) W_out`; the
 FFN itself is `moe.layer.dispatch.expert_ffn`, used by routed and shared experts, and its
@@ -53,7 +59,7 @@ from moe.layer import dispatch
 from moe.layer import expert_parallel
 from moe.layer import routing as routing_lib
 from moe.layer import sown
-from moe.layer.config import MoeConfig, capacity_k, validate_moe
+from moe.layer.config import MoeConfig, planned_k, validate_moe
 
 
 def _init(in_axis: int, batch_axis: tuple[int, ...] = ()):
@@ -243,7 +249,7 @@ class MoeLayer(nn.Module):
     group_size = cfg.group_size if ep is None else ep.routing_group_size(cfg.group_size, b, l)
     x_GTD, mask_GT, n = group_tokens(x_BLD, mask_BL, group_size)
     g, t, d = x_GTD.shape
-    capacity = routing_lib.capacity_for(t, e, capacity_k(cfg), cfg.capacity_factor_for(train),
+    capacity = routing_lib.capacity_for(t, e, planned_k(cfg), cfg.capacity_factor_for(train),
                                         cfg.min_capacity)
 
     top_p_var = None

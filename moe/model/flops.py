@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe.layer.config import planned_k
 from moe.model.config import ModelConfig
 
 FORWARD_AND_BACKWARD = 3  # forward + backward = 3 forwards
@@ -91,7 +92,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   if cfg.moe is not None and moe_blocks:
     m = cfg.moe
     shared_hidden = m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden)
-    active_hidden = m.num_selected * m.expert_hidden + shared_hidden
+    active_hidden = planned_k(m) * m.expert_hidden + shared_hidden  # adaptive k: its target
     router = moe_blocks * 2.0 * D * (m.num_experts + int(m.shared_expert_gate))
     experts = moe_blocks * 2.0 * mlp_matrices(m.expert_mlp) * D * active_hidden
   proj, scores = D * Dh * (2 * H + 2 * N), 2 * H * Dh * ctx

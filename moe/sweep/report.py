@@ -39,6 +39,8 @@ COLUMNS = [
     ("eval_moe/dropped_fraction", "dropped frac (eval)", ".4f"),
     ("moe/max_over_mean_load", "max/mean load", ".3f"),
     ("moe/dead_experts", "dead experts (all layers)", ".2f"),
+    ("moe/mean_k", "mean k (train)", ".3f"),  # experts per token (adaptive k: varies)
+    ("moe/active_expert_flops_per_token", "active expert FLOPs/token (train)", ".4g"),
     ("z_loss", "router z-loss", ".3g"),
     ("loss_spikes", "loss spikes (moe.train.divergence)", ".2f"),
     ("tokens_per_s", "tokens/s", ".0f"),

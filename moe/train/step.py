@@ -188,6 +188,11 @@ def make_train_step(model, tx, frozen, schedule) -> Callable:
   return train_step
 
 
+# Per-layer stats an evaluation reports as their mean over the MoE layers, `eval_moe/<key>`.
+EVAL_LAYER_MEANS = ("dropped_fraction", "tokens_dropped_fraction", "mean_k",
+                    "active_expert_flops_per_token")
+
+
 def make_eval_step(model, layer_keys: tuple[str, ...] = ()) -> Callable:
   """(params, moe_bias, batch) -> sums over the batch (added up across batches by the caller).
 
@@ -200,7 +205,7 @@ def make_eval_step(model, layer_keys: tuple[str, ...] = ()) -> Callable:
            "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32)),
            "aux_loss": sum((d["aux_loss"] for _, d in layers), jnp.zeros((), jnp.float32)),
            "batches": jnp.ones((), jnp.float32)}
-    for key in ("dropped_fraction", "tokens_dropped_fraction"):
+    for key in EVAL_LAYER_MEANS:
       vals = [d[key] for _, d in layers if key in d]
       if vals:
         out[key] = sum(vals) / len(vals)
@@ -221,7 +226,7 @@ def eval_metrics(sums: dict) -> dict:
          "eval_bits_per_byte": (sums["nats"] / math.log(2) / sums["bytes"]
                                 if sums["bytes"] > 0 else float("nan")),
          "eval_tokens": sums["tokens"]}
-  for key in ("dropped_fraction", "tokens_dropped_fraction"):
+  for key in EVAL_LAYER_MEANS:
     if key in sums:
       out[f"eval_moe/{key}"] = sums[key] / max(sums["batches"], 1.0)
   return out

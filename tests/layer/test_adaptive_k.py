@@ -17,7 +17,7 @@ from moe.layer import grouped
 from moe.layer import rows
 from moe.layer import routing as R
 from moe.layer import sown
-from moe.layer.config import MoeConfig, capacity_k, validate_moe
+from moe.layer.config import MoeConfig, planned_k, validate_moe
 from moe.layer.modules import MoeLayer, expert_flops
 
 G, T, E, K = 3, 29, 7, 4
@@ -271,9 +271,9 @@ def test_controller_moves_mean_k_to_target():
 
 def test_capacity_uses_target_k_for_the_controlled_rule():
   base = MoeConfig(num_experts=8, num_selected=4, capacity_factor=1.0)
-  assert capacity_k(base) == 4
-  assert capacity_k(dataclasses.replace(base, k_rule="top_p")) == 4
-  assert capacity_k(dataclasses.replace(base, k_rule="top_p_target", target_k=1.5)) == 1.5
+  assert planned_k(base) == 4
+  assert planned_k(dataclasses.replace(base, k_rule="top_p")) == 4
+  assert planned_k(dataclasses.replace(base, k_rule="top_p_target", target_k=1.5)) == 1.5
   assert R.capacity_for(64, 8, 1.5, 1.0) == 12
 
 

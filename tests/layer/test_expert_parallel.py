@@ -176,6 +176,53 @@ def case_layer_matches_one_device():
   print("ok")
 
 
+ADAPTIVE_CASES = {
+    # top-p with the threshold controller, capacity C = ceil(1.0 * target_k * 6 / 8) = 2, bias
+    "adaptive_target": (dict(num_experts=8, num_selected=3, expert_hidden=16,
+                             capacity_factor=1.0, min_capacity=1, group_size=6,
+                             k_rule="top_p_target", top_p=0.4, target_k=2.0, top_p_rate=0.05,
+                             bias_balancing=True, bias_rate=0.1, router_entropy_weight=0.01,
+                             router_logit_scale=3.0),
+                        [(2, 1, 4, 1)]),
+    "adaptive_dropless": (dict(num_experts=8, num_selected=3, expert_hidden=16,
+                               capacity_factor=None, group_size=3, k_rule="top_p", top_p=0.5,
+                               router_logit_scale=3.0),
+                          [(1, 1, 8, 1), (2, 1, 2, 2)]),
+}
+
+
+def case_adaptive_layer_matches_one_device():
+  """Adaptive k on a mesh: output, gradients, every sown statistic (mean k, k histogram) and the
+  threshold (and bias) update equal one device: the controller sees the global mean k."""
+  import jax
+  from moe import sharding
+  for name, (kwargs, meshes) in ADAPTIVE_CASES.items():
+    x, variables, fn = _layer_problem(kwargs)
+    plain = jax.device_get(fn(*split(variables), x))
+    stats, state = plain[0][1]
+    mean_k = float(stats["mean_k"])
+    assert 1.0 < mean_k < 3.0 and float(stats["k_hist"][1]) > 0, (name, mean_k)
+    if "top_p" in state:
+      assert float(state["top_p"]) != kwargs["top_p"]  # the controller moved it
+    for shape in meshes:
+      mesh = mesh_of(shape)
+      placed = place(mesh, variables)
+      xs = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed")))
+      with sharding.activate(mesh):
+        out = fn(*split(placed), xs)
+      err = _max_rel_err(plain, jax.device_get(out))
+      print(f"adaptive {name} {shape} rel_err={err:.2e} mean_k={mean_k:.3f}")
+      assert err < 2e-5, (name, shape, err)
+  print("ok")
+
+
+@pytest.mark.slow
+def test_adaptive_layer_matches_one_device():
+  out = on_8_devices("case_adaptive_layer_matches_one_device")
+  assert out.strip().endswith("ok"), out
+  assert out.count("adaptive ") == sum(len(m) for _, m in ADAPTIVE_CASES.values())
+
+
 def split(variables):
   """(params, moe_bias) of boxed or placed variables (moe_bias {} without bias balancing)."""
   import flax.linen as nn

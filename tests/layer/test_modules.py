@@ -20,6 +20,7 @@ from moe.layer.modules import MoeLayer, Router
 B, L, D, F, E = 2, 7, 8, 6, 5
 SOWN_KEYS = {"aux_loss", "load_balance_loss", "z_loss", "load", "max_over_mean_load",
              "dropped_fraction", "tokens_dropped_fraction", "router_entropy", "top1_prob",
+             "mean_k", "mean_kept_k", "k_hist", "active_expert_flops_per_token", "top_p",
              "bias_norm"}
 
 
@@ -306,7 +307,8 @@ def test_sows_documented_keys():
   m = _sown(state)
   assert set(m) == SOWN_KEYS
   assert m["load"].shape == (E,)
-  for key in SOWN_KEYS - {"load"}:
+  assert m["k_hist"].shape == (cfg.num_selected + 1,)
+  for key in SOWN_KEYS - {"load", "k_hist"}:
     assert m[key].shape == (), key
   np.testing.assert_allclose(m["aux_loss"], 0.1 * m["load_balance_loss"] + 0.01 * m["z_loss"],
                              rtol=1e-6)

@@ -310,7 +310,7 @@ def test_losses_and_metrics_vs_direct(seed):
   np.testing.assert_allclose(R.router_z_loss(r), np.mean(lse ** 2), rtol=1e-5)
   m = R.routing_metrics(r)
   assert set(m) == {"load", "max_over_mean_load", "dropped_fraction", "tokens_dropped_fraction",
-                    "router_entropy", "top1_prob"}
+                    "router_entropy", "top1_prob", "mean_k", "mean_kept_k", "k_hist"}
   np.testing.assert_allclose(m["load"], f, rtol=1e-6)
   np.testing.assert_allclose(m["max_over_mean_load"], f.max() * e, rtol=1e-6)
   np.testing.assert_allclose(m["dropped_fraction"], (slot < 0).mean(), rtol=1e-6)

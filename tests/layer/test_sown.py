@@ -31,8 +31,11 @@ def test_sown_routing_is_the_layers_routing_and_changes_nothing():
   logits = st["intermediates"]["router"]["__call__"][0]
   want = routing_lib.top_k_routing(logits, num_selected=2, capacity=None,
                                    padding_mask=mask.reshape(1, -1))
+  want_entry = {k: getattr(want, k) for k in sown.ROUTING_KEYS if k != "selected"}
+  want_entry["selected"] = routing_lib.selected_mask(want)  # every slot of every real token
+  assert np.asarray(want_entry["selected"]).sum() == 2 * mask.sum()
   for k in sown.ROUTING_KEYS:
-    np.testing.assert_array_equal(got[k], getattr(want, k), err_msg=k)
+    np.testing.assert_array_equal(got[k], want_entry[k], err_msg=k)
   # Not collecting the intermediates leaves the output bit for bit the same.
   np.testing.assert_array_equal(layer.apply(variables, x, padding_mask=mask), y)
 

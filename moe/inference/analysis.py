@@ -228,6 +228,7 @@ def run(cfg, workdir: str, *, text_file: str | None = None,
                     {"split": "validation", "data": cfg.data.name},
             "tokens": int(mask.sum()), "rows": int((rows["segment_ids"] != 0).any(1).sum()),
             "num_experts": E, "num_selected": int(cfg.moe.num_selected),
+            "k_rule": str(cfg.moe.get("k_rule", "fixed")),
             "eval_capacity_factor": cfg.moe.eval_capacity_factor,
             "load": {}, "token_kinds": {}, "vocabulary": {}, "domains": {}, "coactivation": {}, "saturation": []}
   for name, r in final:

@@ -201,7 +201,8 @@ vertical-align:top;font-size:13px}} code{{background:#eee;padding:0 2px}} img{{m
 </style></head><body>
 <h1>Routing analysis of step {result['step']}</h1>
 <p>{html.escape(str(result['workdir']))}: {result['tokens']} tokens of {html.escape(text)},
-E={result['num_experts']}, K={result['num_selected']}, eval capacity factor
+E={result['num_experts']}, K={result['num_selected']} (k rule {result.get('k_rule', 'fixed')}),
+eval capacity factor
 {result['eval_capacity_factor']}. Definitions: <code>moe/inference/analysis_stats.py</code>.</p>
 <h2>Per layer</h2>
 {_table(["layer", "mean k", "mean kept k", "dropped", "best expert score", "token score"], rows)}

@@ -54,12 +54,16 @@ class LayerRouting:
 
 def layer_routing(d: dict, token_mask_N: np.ndarray, expert_choice: bool = False) -> LayerRouting:
   """A `LayerRouting` of the real tokens from one captured layer ({expert_index,
-  combine_weights, slot} [N, K], `moe.inference.generate.routing_per_layer`)."""
+  combine_weights, slot, selected} [N, K], `moe.inference.generate.routing_per_layer`; without
+  `selected`, every slot counts as chosen in token choice and the taken ones in expert choice)."""
   mask = np.asarray(token_mask_N, bool)
   idx = np.asarray(d["expert_index"])[mask]
   kept = np.asarray(d["slot"])[mask] >= 0
-  chosen = kept.copy() if expert_choice else np.ones_like(kept)
-  return LayerRouting(expert_index=idx, chosen=chosen, kept=kept)
+  if "selected" in d:  # the layer's own record of its choices (adaptive k: a prefix of K)
+    chosen = np.asarray(d["selected"], bool)[mask]
+  else:
+    chosen = kept.copy() if expert_choice else np.ones_like(kept)
+  return LayerRouting(expert_index=idx, chosen=chosen, kept=kept & chosen)
 
 
 def assignments(r: LayerRouting, num_experts: int) -> np.ndarray:

@@ -136,6 +136,19 @@ def test_mean_k_by_token_kind():
   assert stats.layer_load(r, 4)["mean_k"] == pytest.approx(7 / 5)
 
 
+def test_adaptive_k_slots_not_taken_are_not_choices():
+  """The sown `selected` marks a token's k chosen slots: untaken ones are neither chosen nor
+  dropped; a chosen slot without a buffer place is dropped."""
+  d = {"expert_index": np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]]),
+       "slot": np.array([[0, -1, -1], [0, 0, -1], [-1, 0, 1]]),
+       "selected": np.array([[True, False, False], [True, True, False], [True, True, True]])}
+  r = stats.layer_routing(d, np.array([True, True, True]))
+  load = stats.layer_load(r, 3)
+  assert load["mean_k"] == 2.0 and load["mean_kept_k"] == pytest.approx(5 / 3)
+  assert load["dropped_fraction"] == pytest.approx(1 / 6)
+  assert load["chosen_load"] == pytest.approx([2 / 6, 2 / 6, 2 / 6])
+
+
 def test_packing_carries_each_tokens_document():
   docs = [np.arange(1, 8), np.arange(10, 30), np.arange(40, 44)]
   tokens, segments, doc = analysis.pack_rows(docs, 9)

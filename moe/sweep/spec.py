@@ -67,6 +67,7 @@ _ALIASES = {
     "moe.router_dtype": "router", "moe.router": "", "moe.num_shared_experts": "shared",
     "moe.allow_noncausal_routing": "noncausal", "moe.group_size": "g", "moe.jitter_eps": "jitter",
     "train.learning_rate": "lr", "model.d_ff": "dff", "model.dtype": "dtype",
+    "moe.k_rule": "", "moe.top_p": "p", "moe.target_k": "target",
 }
 _SLUG_OK = re.compile(r"[^A-Za-z0-9.+\-]")
 

@@ -15,9 +15,9 @@ from moe.errors import ConfigError
 from moe.model.config import model_config_from, validate_model
 from moe.train.checks import config_warnings
 
-TABLES = ("experts", "granularity", "capacity", "balancing", "zloss", "routing")
+TABLES = ("experts", "granularity", "capacity", "balancing", "zloss", "routing", "adaptive_k")
 N_MEMBERS = {"experts": 5, "granularity": 4, "capacity": 12, "balancing": 6, "zloss": 13,
-             "routing": 4}
+             "routing": 4, "adaptive_k": 6}
 
 
 def table_config(name):

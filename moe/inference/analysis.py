@@ -102,20 +102,24 @@ def _encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 
 def pack_rows(docs_ids: list[np.ndarray], row_len: int) -> tuple[np.ndarray, ...]:
-  """(tokens, segments, doc [R, row_len]) as `moe.data.packing` packs the documents; doc is
-  1 + the document's index (0: padding), from packing the document numbers alongside."""
+  """(tokens, segments, doc, pos [R, row_len]) as `moe.data.packing` packs the documents; doc
+  is 1 + the document's index (0: padding) and pos the token's index in its document, from
+  packing the document numbers and positions alongside."""
   tokens, segments = packing.pack_documents(docs_ids, row_len)
   doc, _ = packing.pack_documents([np.full(len(x), i + 1, np.int32) for i, x in
                                    enumerate(docs_ids)], row_len)
-  return tokens, segments, doc
+  pos, _ = packing.pack_documents([np.arange(len(x), dtype=np.int32) for x in docs_ids], row_len)
+  return tokens, segments, doc, pos
 
 
 def text_rows(cfg, workdir: str, tokenizer, *, text_file: str | None, batches: int) -> dict:
   """The rows to route: inputs / positions / segment_ids [R, L] (R a multiple of the batch
-  size, padded with empty rows), doc [R, L], and the documents' paths."""
+  size, padded with empty rows), doc / pos [R, L] (document number, position in it), the
+  documents' paths and token ids."""
   from moe.data.pipeline import EVAL_SEED  # pylint: disable=import-outside-toplevel
   docs = _documents(cfg, workdir, text_file)
-  tokens, segments, doc = pack_rows(_encode(tokenizer, [t for _, t in docs]), cfg.data.seq_len + 1)
+  docs_ids = _encode(tokenizer, [t for _, t in docs])
+  tokens, segments, doc, pos = pack_rows(docs_ids, cfg.data.seq_len + 1)
   if tokens.shape[0] == 0:
     raise ConfigError("the text holds no tokens to analyze")
   B = int(cfg.train.batch_size)
@@ -127,8 +131,8 @@ def text_rows(cfg, workdir: str, tokenizer, *, text_file: str | None, batches: i
   pick = lambda a: np.concatenate([a[order], np.zeros((R - len(order), a.shape[1]), a.dtype)])
   ex = packing.row_to_example(pick(tokens), pick(segments), tokenizer.bytes_per_id)
   return {"inputs": ex["inputs"], "positions": ex["positions"],
-          "segment_ids": ex["segment_ids"], "doc": pick(doc)[:, :-1],
-          "paths": [p for p, _ in docs], "batch_size": B}
+          "segment_ids": ex["segment_ids"], "doc": pick(doc)[:, :-1], "pos": pick(pos)[:, :-1],
+          "paths": [p for p, _ in docs], "docs_ids": docs_ids, "batch_size": B}
 
 
 # ----------------------------------------------------------------------------- routing
@@ -190,20 +194,20 @@ def _domains(rows: dict, mask: np.ndarray) -> dict:
 
 
 def token_kinds(rows: dict, tokenizer, mask: np.ndarray) -> np.ndarray:
-  """[N] kind of every real token (`moe.inference.token_kinds`), each stretch of one document
-  in one row lexed on its own (a row's segment: its tokens are consecutive text)."""
+  """[N] kind of every real token (`moe.inference.token_kinds`): each document that has tokens
+  in the rows is lexed whole, so a row that starts inside a string or a comment still reads it
+  as one."""
+  doc_N = rows["doc"].reshape(-1)[mask] - 1
+  pos_N = rows["pos"].reshape(-1)[mask]
   pieces: dict[int, str] = {}
-  inputs, seg = rows["inputs"], rows["segment_ids"]
-  out = np.zeros(inputs.shape, np.int8)
-  for r in range(inputs.shape[0]):
-    for sid in np.unique(seg[r][seg[r] != 0]):
-      cols = np.flatnonzero(seg[r] == sid)
-      ids = [int(v) for v in inputs[r, cols]]
-      for v in ids:
-        if v not in pieces:
-          pieces[v] = tokenizer.decode([v])
-      out[r, cols] = kinds_lib.token_kinds([pieces[v] for v in ids])
-  return out.reshape(-1)[mask]
+  out = np.zeros(doc_N.shape, np.int8)
+  for d in np.unique(doc_N):
+    ids = [int(v) for v in rows["docs_ids"][d]]
+    for v in set(ids) - pieces.keys():
+      pieces[v] = tokenizer.decode([v])
+    at = doc_N == d
+    out[at] = kinds_lib.token_kinds([pieces[v] for v in ids])[pos_N[at]]
+  return out
 
 
 def run(cfg, workdir: str, *, text_file: str | None = None,

@@ -151,10 +151,29 @@ def test_adaptive_k_slots_not_taken_are_not_choices():
 
 def test_packing_carries_each_tokens_document():
   docs = [np.arange(1, 8), np.arange(10, 30), np.arange(40, 44)]
-  tokens, segments, doc = analysis.pack_rows(docs, 9)
+  tokens, segments, doc, pos = analysis.pack_rows(docs, 9)
   for i, d in enumerate(docs):
     assert set(tokens[doc == i + 1].tolist()) == set(d.tolist())
+    assert np.array_equal(d[pos[doc == i + 1]], tokens[doc == i + 1])  # pos: index in the doc
   assert np.array_equal(doc == 0, segments == 0)
+
+
+def test_token_kinds_lex_whole_documents():
+  """A row that starts inside a docstring still reads it as a string: documents are lexed
+  whole, then each token takes its kind by position."""
+  class Chars:
+    def decode(self, ids):
+      return "".join(chr(i) for i in ids)
+  text = 'def f():\n    """doc\n    text"""\n    return 1\n'
+  ids = np.array([ord(c) for c in text])
+  _, _, doc, pos = analysis.pack_rows([ids], 12)  # rows cut the docstring
+  rows = {"doc": doc, "pos": pos, "docs_ids": [ids]}
+  mask = doc.reshape(-1) > 0
+  kinds = analysis.token_kinds(rows, Chars(), mask)
+  want = token_kinds.token_kinds(list(text))
+  assert np.array_equal(kinds, want[pos.reshape(-1)[mask]])
+  start = text.index("text")  # inside the docstring, in a later row than its opening quotes
+  assert token_kinds.KINDS[want[start]] == "string"
 
 
 def test_validation_documents_carry_their_source_paths(textdir, tfds_dir):

@@ -51,6 +51,7 @@ from moe.errors import ConfigError
 from moe.model.config import ModelConfig, validate_model
 from moe.model.mla import LatentAttention
 from moe.layer.activation import activate
+from moe.layer.config import planned_k
 from moe.layer.modules import MoeLayer
 
 
@@ -254,7 +255,9 @@ def param_shapes(cfg: ModelConfig):
 def active_params(cfg: ModelConfig) -> int:
   """Parameters used per token: everything except the routed experts a token does not pick,
   i.e. total - (E - K)/E of every MoE layer's `experts/...` weights (router, shared experts,
-  attention, norms and embeddings count in full; a tied embedding counts once)."""
+  attention, norms and embeddings count in full; a tied embedding counts once). With an adaptive
+  k, K is the planned one (`moe.layer.config.planned_k`: the target mean k, or k_max under a
+  fixed threshold), as in the model FLOPs; the measured mean k is logged as `moe/mean_k`."""
   params = param_shapes(cfg)
   total = count_params(params)
   if cfg.moe is None:
@@ -264,5 +267,5 @@ def active_params(cfg: ModelConfig) -> int:
     keys = [getattr(p, "key", None) for p in path]
     if "moe" in keys and "experts" in keys:
       routed += math.prod(leaf.shape)
-  E, K = cfg.moe.num_experts, cfg.moe.num_selected
-  return total - routed * (E - K) // E
+  E, K = cfg.moe.num_experts, planned_k(cfg.moe)
+  return total - round(routed * (E - K) / E)

@@ -258,6 +258,12 @@ def test_active_params(shared):
   dense_ffn = 3 * cfg.d_model * cfg.moe.expert_hidden * (K + shared)
   mlp = 3 * cfg.d_model * cfg.d_ff
   assert active_params(cfg) == active_params(dense) + 2 * (dense_ffn - mlp) + router
+  # adaptive k: the planned k (the target mean k under the controller, k_max under top_p)
+  target = dataclasses.replace(cfg, moe=dataclasses.replace(
+      cfg.moe, k_rule="top_p_target", target_k=1.5))
+  assert active_params(target) == total - round(experts * (E - 1.5) / E)
+  top_p = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, k_rule="top_p"))
+  assert active_params(top_p) == active_params(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

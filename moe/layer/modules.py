@@ -222,6 +222,19 @@ def _threshold(cfg: MoeConfig, top_p_var):
   return None
 
 
+def _token_mask(x_BLD, padding_mask):
+  """[B, L] bool: the real tokens of the layer's input (all of them without a mask)."""
+  if x_BLD.ndim != 3:
+    raise ValueError(f"MoeLayer input must be [B, L, D], got shape {x_BLD.shape}")
+  b, l, _ = x_BLD.shape
+  if padding_mask is None:
+    return jnp.ones((b, l), bool)
+  if tuple(jnp.shape(padding_mask)) != (b, l):
+    raise ValueError(f"MoeLayer padding_mask must be [B, L] = {(b, l)}, "
+                     f"got {jnp.shape(padding_mask)}")
+  return jnp.asarray(padding_mask).astype(bool)
+
+
 class MoeLayer(nn.Module):
   """The MoE feed-forward layer (see the module docstring for the full contract)."""
 
@@ -233,16 +246,8 @@ class MoeLayer(nn.Module):
   def __call__(self, x_BLD, padding_mask=None, train: bool = False):
     cfg = self.config
     validate_moe(cfg, causal=self.causal)
-    if x_BLD.ndim != 3:
-      raise ValueError(f"MoeLayer input must be [B, L, D], got shape {x_BLD.shape}")
+    mask_BL = _token_mask(x_BLD, padding_mask)
     b, l, _ = x_BLD.shape
-    if padding_mask is None:
-      mask_BL = jnp.ones((b, l), bool)
-    else:
-      if tuple(jnp.shape(padding_mask)) != (b, l):
-        raise ValueError(f"MoeLayer padding_mask must be [B, L] = {(b, l)}, "
-                         f"got {jnp.shape(padding_mask)}")
-      mask_BL = jnp.asarray(padding_mask).astype(bool)
     e, k = cfg.num_experts, cfg.num_selected
 
     ep = expert_parallel.context(rows=b)
@@ -295,6 +300,14 @@ class MoeLayer(nn.Module):
       y_BLD = y_BLD + SharedExperts(cfg.num_shared_experts, shared_hidden, cfg.expert_mlp,
                                     self.dtype, cfg.shared_expert_gate, name="shared")(x_BLD)
 
+    self._account(routing, bias_var, top_p_var, top_p, d, train)
+    self.sow("intermediates", sown.ROUTING, sown.routing_entry(routing))
+    return y_BLD.astype(self.dtype)
+
+  def _account(self, routing, bias_var, top_p_var, top_p, d: int, train: bool) -> None:
+    """The losses and metrics of `routing` sown as STATS, and the training-time updates of the
+    balancing bias and the adaptive-k threshold (selection used their old values)."""
+    cfg = self.config
     lb = routing_lib.load_balancing_loss(routing)
     z = routing_lib.router_z_loss(routing)
     aux = cfg.load_balance_weight * lb + cfg.z_loss_weight * z
@@ -319,5 +332,4 @@ class MoeLayer(nn.Module):
         "top_p": jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
         "bias_norm": bias_norm,
     })
-    self.sow("intermediates", sown.ROUTING, sown.routing_entry(routing))
-    return y_BLD.astype(self.dtype)
+

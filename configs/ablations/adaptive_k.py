@@ -30,8 +30,16 @@ Per-layer and per-token-kind mean k: `python experiments/adaptive_k_breakdown.py
 writes `k_breakdown.md` beside the report.
 
 Run:  python launch.py --config=configs/ablations/adaptive_k.py --workdir=runs/adaptive_k
-CPU time: not measured yet (estimate: 6 members x 3 seeds = 18 dropless runs of 1000 steps,
-about 15 minutes as two shards side by side).
+CPU time, measured 2026-12-01 on the 2-core CPU as two shards (`--sweep_shard=0/2` and `1/2`)
+while two other tables ran, four runs sharing the 2 cores: 6 members x 3 seeds = 18 dropless runs
+of 1000 steps in 21 min 27 s (2428 s of training); results in
+experiments/ablation_results/adaptive_k/ (with k_breakdown.md: 49 s for the six analyses).
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/adaptive_k`; experiments/
+ablation_results/POWER.md): 13.5 minutes of run wall time a seed measured at about half a core
+per run, so 8 seeds (48 runs) is a conservative count for 60 minutes on 2 cores; projected from
+the measured paired sd, the detectable effects fall from 0.013-0.039 nats at 3 seeds to
+0.006-0.017 at 8. The committed results are still the 3-seed run.
 """
 
 from configs.ablations import _base
@@ -40,6 +48,7 @@ DROPLESS = {"moe.capacity_factor": None, "moe.eval_capacity_factor": None,
             "moe.renormalize": False}
 P_LOW, P_HIGH = 0.36, 0.52  # top-p thresholds near mean k 1.5 and 2 (pilots: docstring)
 K_MAX = 4
+SEEDS = 8  # seeds 0 .. 7, from power (docstring)
 
 
 def get_config():
@@ -87,4 +96,5 @@ def get_config():
              "Per layer and per kind of token: k_breakdown.md (experiments/"
              "adaptive_k_breakdown.py)."],
       smoke_members=(1, 4),
+      seeds=SEEDS,
   )

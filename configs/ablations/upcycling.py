@@ -29,12 +29,17 @@ Two commands (the sweep runner has no step that trains a shared parent first):
   2. the table (run s reads the parent at PARENT below with {seed} = s):
        python launch.py --config=configs/ablations/upcycling.py --workdir=runs/upcycling
 
-Use the same `--config.sweep.scale` for both. CPU time: one dense parent of 1000 steps took
-59 s and the previous table (4 members x 3 seeds, 1000 steps, the last 2000) 16 min 52 s
-(measured 2026-11-29 on the 2-core CPU with a second table running alongside). ESTIMATE now:
-the parents 3 runs, about 3 min; the table 7 members x 3 seeds = 21 runs (dense 1x and 1.5x,
-upcycled 1x, scratch 1x .. 4x the 1000 extra steps: 12 500 steps a seed, 37 500 in all), about
-40 min (not measured).
+Use the same `--config.sweep.scale` for both. CPU time, measured 2026-12-01 on the 2-core CPU
+with one to three other runs alongside (the fine-tuning table, then the adaptive-k and z-loss
+tables): the 3 parents 1 min 42 s, the table 7 members x 3 seeds = 21 runs (12 500 steps a seed)
+50 min 21 s (3016 s of training); results in experiments/ablation_results/upcycling/.
+
+Seeds from power (`python -m moe.sweep.power --workdir=runs/upcycling
+--parent=runs/upcycling_parent` on that run; experiments/ablation_results/POWER.md): 17.3 minutes
+of run wall time a seed with its parent, measured while runs shared the cores, so 6 seeds (6
+parents, 42 runs) is a conservative count for 60 minutes on 2 cores; projected from the measured
+paired sd, the detectable effects fall from 0.012-0.035 nats at 3 seeds to 0.006-0.018 at 6. The
+committed results are still the 3-seed run.
 """
 
 from configs.ablations import _base
@@ -45,6 +50,7 @@ SAME_WIDTH_CPU = {"model.d_ff": _base.CPU["moe.expert_hidden"]}
 SAME_WIDTH_ACCELERATOR = {"model.d_ff": _base.ACCELERATOR["moe.expert_hidden"]}
 EXTRA = {"cpu": _base.CPU["train.steps"], "accelerator": _base.ACCELERATOR["train.steps"]}
 SCRATCH_MULTIPLES = (1, 2, 3, 4)  # from-scratch MoE steps, in units of the extra steps
+SEEDS = 6  # seeds 0 .. 5 (and their parents), from power (docstring)
 
 
 DENSE_MATCHED = 1.5  # dense-continued steps matching the upcycled model's FLOPs (see above)
@@ -59,8 +65,9 @@ def get_config(arg: str = ""):
     parent = _base.make_config(
         __file__, title="upcycling parents: the dense model, one per seed",
         members=[{"moe.enabled": False}], paper="(parent runs of configs/ablations/upcycling.py)",
-        published=[], cpu=SAME_WIDTH_CPU, accelerator=SAME_WIDTH_ACCELERATOR, smoke_members=(0,))
-    return parent  # seeds 0, 1, 2: one parent per table seed
+        published=[], cpu=SAME_WIDTH_CPU, accelerator=SAME_WIDTH_ACCELERATOR, smoke_members=(0,),
+        seeds=SEEDS)
+    return parent  # one parent per table seed
   if arg:
     raise ValueError(f"configs/ablations/upcycling.py takes no argument or ':parent', got {arg!r}")
   dense_continued = {"moe.enabled": False, "train.init_from": PARENT}
@@ -106,4 +113,5 @@ def get_config(arg: str = ""):
              "Where from-scratch catches up: compare the upcycled row with the scratch rows at "
              "1x .. 4x the extra steps."],
       smoke_members=(0, 1),
+      seeds=SEEDS,
   )

@@ -23,14 +23,18 @@
   EVAL_MAY_CHANGE     those, plus what evaluation or generation alone reads:
                       `moe.eval_capacity_factor` and `train.batch_size`.
 
-  Fields only one side has are not compared (a config.json of an older version, or the
-  `model` / `moe` groups `moe.convert` writes for a converted checkpoint).
+  A field the saved config lacks (a config.json written before the field existed) counts as
+  equal when the given value is the field's default (`MoeConfig` / `ModelConfig`), the
+  behaviour the older version had, and as a difference otherwise; a field only the saved config
+  has (since removed) is not compared, nor is any field the `model` / `moe` groups of a
+  converted checkpoint (`moe.convert`) leave out.
 - `architecture_diff(cfg, source)`: the `model` / `moe` fields in which `cfg` differs from the
   run in `source` (`train.init_from` names them when the checkpoint does not fit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -124,18 +128,35 @@ def _allowed(field: str, may_change) -> bool:
   return any(fnmatch.fnmatchcase(field, pattern) for pattern in may_change)
 
 
+ABSENT = "(absent)"  # the saved value shown for a field an older config.json lacks
+
+
+def is_default(field: str, value) -> bool:
+  """Whether `value` is the dataclass default of a `model.*` / `moe.*` field (False for other
+  groups and unknown fields: their absence cannot be judged)."""
+  from moe.layer.config import MoeConfig  # pylint: disable=import-outside-toplevel
+  from moe.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  group, _, name = field.partition(".")
+  cls = {"moe": MoeConfig, "model": ModelConfig}.get(group)
+  f = {x.name: x for x in dataclasses.fields(cls)}.get(name) if cls else None
+  return f is not None and f.default is not dataclasses.MISSING and value == f.default
+
+
 def differences(old: dict, cfg, may_change=(), groups=None) -> list[tuple[str, object, object]]:
-  """[(field, saved value, given value)] for the fields both have that differ (the architecture
-  groups first, then by name), leaving out those `may_change` allows (fnmatch patterns) and,
-  when given, other groups."""
+  """[(field, saved value, given value)] for the fields that differ (the architecture groups
+  first, then by name), leaving out those `may_change` allows (fnmatch patterns) and, when
+  given, other groups. A field `old` lacks differs unless the given value is its default (module
+  docstring); a converted checkpoint's config is compared on the fields it has."""
   a, b = flat(old), flat(cfg)
+  new_only = set() if CONVERTED_KEY in old else {
+      f for f in set(b) - set(a) if not is_default(f, b[f])}
   out = []
   order = lambda f: (f.split(".")[0] not in ARCHITECTURE_GROUPS, f)  # noqa: E731
-  for field in sorted(set(a) & set(b), key=order):
+  for field in sorted((set(a) & set(b)) | new_only, key=order):
     if groups is not None and field.split(".")[0] not in groups:
       continue
-    if a[field] != b[field] and not _allowed(field, may_change):
-      out.append((field, a[field], b[field]))
+    if a.get(field, ABSENT) != b[field] and not _allowed(field, may_change):
+      out.append((field, a.get(field, ABSENT), b[field]))
   return out
 
 

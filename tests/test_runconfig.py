@@ -61,6 +61,24 @@ def test_fields_that_may_change_are_accepted(tiny_config, tmp_path):
   runconfig.check_saved(tiny_config({"moe.num_experts": 8}), str(tmp_path / "no_run"))
 
 
+def test_config_of_an_older_version_lacking_a_new_field(tiny_config, tmp_path):
+  """A field the saved config.json lacks: its default matches (the older version behaved so),
+  another value is a difference shown against "(absent)"."""
+  workdir = str(tmp_path)
+  runconfig.save(tiny_config(), workdir)
+  path = runconfig.config_path(workdir)
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["moe"]["k_rule"], saved["moe"]["top_p"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  runconfig.check_saved(tiny_config(), workdir, runconfig.RESUME_MAY_CHANGE)
+  with one_line_error("moe.k_rule ('(absent)' -> 'top_p')"):
+    runconfig.check_saved(tiny_config({"moe.k_rule": "top_p"}), workdir)
+  with one_line_error("moe.top_p ('(absent)' -> 0.7)"):
+    runconfig.check_saved(tiny_config({"moe.top_p": 0.7}), workdir)
+
+
 def test_converted_config_compares_model_groups_only(tiny_config, tmp_path):
   cfg = tiny_config()
   spec = {"model": cfg.model.to_dict(), "moe": cfg.moe.to_dict(), "source": {"from_hf": "x"}}

@@ -155,13 +155,16 @@ def _flat(d: dict) -> dict:
 
 
 def _check_existing(sweep: Sweep, workdir: str) -> None:
-  """A run directory left by a different config would be silently reused: refuse it."""
+  """A run directory left by a different config would be silently reused: refuse it. Every
+  field counts, except one the saved config lacks whose value here is its default (a run
+  written before the field existed: `moe.runconfig.differences`)."""
   for r in sweep.runs:
     old = read_json(join(r.dirname(workdir), CONFIG_FILE))
     if old is None:
       continue
     a, b = _flat(old), _flat(r.cfg.to_dict())
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, runconfig.ABSENT) != b.get(k)
+                  and not (k not in a and runconfig.is_default(k, b[k])))
     if diff:
       raise ConfigError(f"{r.dirname(workdir)} holds a run of a different config (differs in "
                         f"{diff[:5]}); use a fresh --workdir or delete that run")

@@ -1,5 +1,6 @@
 """Sweep format, member expansion, runner (resume, sharding, failures, extra evals), bad input."""
 
+import glob
 import importlib
 import json
 import os
@@ -363,6 +364,25 @@ def test_existing_run_of_another_config_is_refused(tmp_path):
   c = tiny_sweep()
   c.train.learning_rate = 1e-4
   with pytest.raises(ConfigError, match="train.learning_rate"):
+    sw.run(c, str(tmp_path), train_fn=FakeTrainer(), log=quiet)
+
+
+def test_run_of_an_older_version_without_a_new_field_resumes(tmp_path):
+  """A config.json written before a field existed: the field at its default keeps the old
+  behaviour, so the run is reused; the field set to anything else is a different config."""
+  sw.run(tiny_sweep(), str(tmp_path), train_fn=FakeTrainer(), log=quiet)
+  for path in glob.glob(str(tmp_path / "*" / "seed*" / "config.json")):
+    with open(path) as f:
+      saved = json.load(f)
+    del saved["moe"]["k_rule"]  # as written before adaptive k
+    with open(path, "w") as f:
+      json.dump(saved, f)
+  trainer = FakeTrainer()
+  sw.run(tiny_sweep(), str(tmp_path), train_fn=trainer, log=quiet)
+  assert trainer.calls == []  # every run had finished and is reused
+  c = tiny_sweep()
+  c.moe.k_rule = "top_p"
+  with pytest.raises(ConfigError, match="moe.k_rule"):
     sw.run(c, str(tmp_path), train_fn=FakeTrainer(), log=quiet)
 
 

@@ -75,6 +75,32 @@ def _eval_config(run: Run, overrides: dict):
   return c
 
 
+def _train_one(r: Run, rundir: str, train_fn: Callable, machine: str, log) -> str:
+  """Trains (or resumes) one run, records its wall time and machine in RUN_INFO_FILE, and
+  returns its status; an exception is the run's failure (a summary saying so), not the sweep's."""
+  tag = f"{r.member}/seed{r.seed}"
+  makedirs(rundir)
+  runconfig.save(r.cfg, rundir)
+  t0 = time.time()
+  error = None
+  try:
+    train_fn(r.cfg, rundir)
+  except Exception as e:  # noqa: BLE001 - one failed member must not stop the sweep
+    error = f"{type(e).__name__}: {e}".splitlines()[0]
+    log(f"[sweep] {tag} raised {error}\n{traceback.format_exc()}")
+  wall = time.time() - t0
+  prev = read_json(join(rundir, RUN_INFO_FILE)) or {}
+  write_json_atomic(join(rundir, RUN_INFO_FILE), {
+      "machine": machine, "wall_s": wall + float(prev.get("wall_s", 0.0)),
+      "finished": datetime.datetime.now().isoformat(timespec="seconds"), "error": error})
+  status = run_status(rundir)
+  if error is not None and status not in DONE_STATUSES + ("failed",):
+    write_json_atomic(join(rundir, SUMMARY_FILE),
+                      {"status": "failed", "error": error, "written_by": "moe.sweep"})
+    status = "failed"
+  return status
+
+
 def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
         eval_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict:
   """Trains this shard's runs (skipping finished ones), extra-evaluates them, writes the report.
@@ -111,28 +137,10 @@ def run(cfg, workdir: str, shard: str = "0/1", train_fn: Callable | None = None,
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: {status}, skipped")
       done["skipped"].append(tag)
     else:
-      makedirs(rundir)
       machine = machine or machine_description()
-      runconfig.save(r.cfg, rundir)
       log(f"[sweep {index}/{count}] {n+1}/{len(mine)} {tag}: "
           f"{'resuming' if status else 'training'}")
-      t0 = time.time()
-      error = None
-      try:
-        train_fn(r.cfg, rundir)
-      except Exception as e:  # noqa: BLE001 - one failed member must not stop the sweep
-        error = f"{type(e).__name__}: {e}".splitlines()[0]
-        log(f"[sweep] {tag} raised {error}\n{traceback.format_exc()}")
-      wall = time.time() - t0
-      prev = read_json(join(rundir, RUN_INFO_FILE)) or {}
-      write_json_atomic(join(rundir, RUN_INFO_FILE), {
-          "machine": machine, "wall_s": wall + float(prev.get("wall_s", 0.0)),
-          "finished": datetime.datetime.now().isoformat(timespec="seconds"), "error": error})
-      status = run_status(rundir)
-      if error is not None and status not in DONE_STATUSES + ("failed",):
-        write_json_atomic(join(rundir, SUMMARY_FILE),
-                          {"status": "failed", "error": error, "written_by": "moe.sweep"})
-        status = "failed"
+      status = _train_one(r, rundir, train_fn, machine, log)
       if status == "preempted":  # the trainer saw SIGTERM / a stop request: stop the sweep too
         log(f"[sweep {index}/{count}] {tag} was preempted; rerun the same command to resume")
         done["preempted"].append(tag)

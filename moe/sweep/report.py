@@ -205,40 +205,50 @@ def _columns(data: dict) -> list[tuple[str, str, str, str | None]]:
   return cols
 
 
-def render_markdown(data: dict, generated: str) -> str:
-  sw, members = data["sweep"], data["members"]
-  runs = [r for m in members for r in m["runs"]]
+def _header_lines(data: dict, generated: str) -> list[str]:
+  """Title, paper, command, scale and seeds, machine, dates and run counts."""
+  sw = data["sweep"]
+  runs = [r for m in data["members"] for r in m["runs"]]
   n_done = sum(r["status"] in ("completed", "diverged", "failed") for r in runs)
   machines = sorted({r["machine"] for r in runs if r.get("machine")})
   finished = sorted(r["finished"] for r in runs if r.get("finished"))
   wall = sum(r["wall_s"] or 0.0 for r in runs)
   direction = "higher" if sw["higher_is_better"] else "lower"
-  out = io.StringIO()
-  w = lambda s="": out.write(s + "\n")  # noqa: E731
-  w(f"# {sw['title']}")
-  w()
-  w(f"- Paper: {sw['paper']}")
-  w(f"- Command: `{sw.get('command', '')}`")
-  w(f"- Scale: {sw['scale']}{' (SMOKE mode: tiny model, a few steps)' if sw['smoke'] else ''}; "
-    f"seeds {sw['seeds']}; headline metric `{data['metric']}` ({direction} is better)")
-  w(f"- Machine: {'; '.join(machines) if machines else 'no run recorded yet'}")
-  w(f"- Date: report generated {generated}"
-    + (f"; runs finished {finished[0]} .. {finished[-1]}" if finished else ""))
-  w(f"- Runs: {n_done}/{len(runs)} finished; training wall time {wall:.0f} s in all"
-    + ("" if n_done == len(runs) else " — **PARTIAL REPORT**, missing runs listed below"))
-  w()
+  return [
+      f"# {sw['title']}", "",
+      f"- Paper: {sw['paper']}",
+      f"- Command: `{sw.get('command', '')}`",
+      f"- Scale: {sw['scale']}{' (SMOKE mode: tiny model, a few steps)' if sw['smoke'] else ''}; "
+      f"seeds {sw['seeds']}; headline metric `{data['metric']}` ({direction} is better)",
+      f"- Machine: {'; '.join(machines) if machines else 'no run recorded yet'}",
+      f"- Date: report generated {generated}"
+      + (f"; runs finished {finished[0]} .. {finished[-1]}" if finished else ""),
+      f"- Runs: {n_done}/{len(runs)} finished; training wall time {wall:.0f} s in all"
+      + ("" if n_done == len(runs) else " — **PARTIAL REPORT**, missing runs listed below"),
+      ""]
+
+
+def _member_table(data: dict) -> list[str]:
+  """The members' table: overrides, run statuses, every column, published rank, verdicts."""
   cols = _columns(data)
   header = ["member", "overrides", "runs"] + [c[1] for c in cols] + ["published rank",
                                                                        "held here"]
-  w("| " + " | ".join(header) + " |")
-  w("|" + "---|" * len(header))
-  for m in members:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for m in data["members"]:
     cells = [f"`{m['name']}`", describe_overrides(m["overrides"]), status_text(m["runs"])]
     for key, _, fmt, extra in cols:
       cells.append(_cell(member_stats(m["runs"], key, extra), fmt, m["runs"]))
     cells += list(_published_cells(data, m["name"]))
-    w("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-  w()
+    lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+  return lines + [""]
+
+
+def render_markdown(data: dict, generated: str) -> str:
+  sw, members = data["sweep"], data["members"]
+  out = io.StringIO()
+  w = lambda s="": out.write(s + "\n")  # noqa: E731
+  for line in _header_lines(data, generated) + _member_table(data):
+    w(line)
   w("Values: mean ± sample std over the completed seeds; '(n=1)': one completed seed. A member "
     "with no completed seed shows its status (diverged / failed / incomplete / missing) instead "
     "of a number; '—': finished but not logged (e.g. MoE metrics of a dense member). Train-time "

@@ -93,7 +93,7 @@ def test_tables_expand_to_valid_unique_members(name, scale):
   assert len(keys) == len(names)
   assert all(spec.member_name(m.overrides) == m.name for m in s.members)
   assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names)
-  # three seeds, or a table's own count (zloss: 8, for exact tests of divergence counts)
+  # at least three seeds: each table's count from moe.sweep.power (POWER.md)
   assert s.seeds == list(range(len(s.seeds))) and len(s.seeds) >= 3
   assert len(s.runs) == len(s.seeds) * len(names)
   assert s.title and s.paper and s.published
@@ -135,7 +135,8 @@ def test_table_specifics():
   assert ec and all(r.cfg.moe.allow_noncausal_routing for r in ec)
   assert any("leak" in n for n in rout.notes)
   z = spec.expand(table_config("zloss"))
-  assert sum(r.cfg.train.learning_rate > 1e-2 for r in z.runs) == 9 * 8  # stress x 8 seeds
+  assert sum(r.cfg.train.learning_rate > 1e-2 for r in z.runs) == 9 * len(z.seeds)  # stress
+  assert len(z.seeds) >= 8  # exact tests of divergence counts need discordant seeds
   assert {r.cfg.moe.router_dtype for r in z.runs if r.cfg.model.dtype == "bfloat16"} == {
       "float32", "bfloat16_full"}
   assert any(p["metric"] == "stable_fraction" for p in z.published)

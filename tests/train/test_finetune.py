@@ -91,7 +91,7 @@ def test_parent_tables_expand(name):
   module = importlib.import_module(f"configs.ablations.{name}")
   table = spec.expand(module.get_config())
   parent = spec.expand(module.get_config("parent"))
-  assert len(parent.runs) == 3 and parent.seeds == table.seeds  # one parent per table seed
+  assert len(parent.runs) == len(table.seeds) >= 3 and parent.seeds == table.seeds  # one per seed
   want_dir = module.PARENT.split("/")
   assert [parent.members[0].name, "seed{seed}"] == want_dir[-2:]
   readers = [r for r in table.runs if r.cfg.train.init_from]

@@ -30,16 +30,18 @@ Per-layer and per-token-kind mean k: `python experiments/adaptive_k_breakdown.py
 writes `k_breakdown.md` beside the report.
 
 Run:  python launch.py --config=configs/ablations/adaptive_k.py --workdir=runs/adaptive_k
-CPU time, measured 2026-12-01 on the 2-core CPU as two shards (`--sweep_shard=0/2` and `1/2`)
-while two other tables ran, four runs sharing the 2 cores: 6 members x 3 seeds = 18 dropless runs
-of 1000 steps in 21 min 27 s (2428 s of training); results in
-experiments/ablation_results/adaptive_k/ (with k_breakdown.md: 49 s for the six analyses).
+CPU time, measured 2026-12-01 on the 2-core CPU: seeds 0-2 as two shards (`--sweep_shard=0/2`
+and `1/2`) while two other tables ran, four runs sharing the 2 cores, 18 runs in 21 min 27 s;
+then seeds 3-7 (the same command with SEEDS = 8: finished runs are skipped) as two shards alone,
+30 runs in 12 min 19 s; 48 runs, 3822 s of training in all. Results in
+experiments/ablation_results/adaptive_k/ (with k_breakdown.md, seed 0: 49 s for the six
+analyses).
 
-Seeds from power (`python -m moe.sweep.power --workdir=runs/adaptive_k`; experiments/
-ablation_results/POWER.md): 13.5 minutes of run wall time a seed measured at about half a core
-per run, so 8 seeds (48 runs) is a conservative count for 60 minutes on 2 cores; projected from
-the measured paired sd, the detectable effects fall from 0.013-0.039 nats at 3 seeds to
-0.006-0.017 at 8. The committed results are still the 3-seed run.
+Seeds from power (`python -m moe.sweep.power --workdir=runs/adaptive_k` on the 3-seed run;
+experiments/ablation_results/POWER.md): 13.5 minutes of run wall time a seed measured at about
+half a core per run, so 8 seeds (48 runs) was a conservative count for 60 minutes on 2 cores
+(alone, seeds 3-7 took 2.5 minutes of wall time a seed). The committed results are the 8-seed
+run.
 """
 
 from configs.ablations import _base

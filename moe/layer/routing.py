@@ -371,8 +371,9 @@ def update_top_p(top_p, mean_k, target_k: float, rate: float):
 def selected_mask(routing: Routing):
   """[..., T, K] bool: assignments the router made, before any capacity drop, padding excluded.
 
-  Token choice: every choice of every real token (adaptive k: the slots it took, `Routing.selected`). Expert choice: the (token, expert) pairs the
-  experts took (there is no "before dropping" there; capacity is the selection itself).
+  Token choice: every choice of every real token (adaptive k: the slots it took,
+  `Routing.selected`). Expert choice: the (token, expert) pairs the experts took (there is no
+  "before dropping" there; capacity is the selection itself).
   """
   if routing.kind == EXPERT_CHOICE:
     return (routing.slot >= 0) & routing.token_mask[..., None]
@@ -450,14 +451,13 @@ def routing_metrics(routing: Routing) -> dict:
   dropped = (sel & ~kept).sum().astype(jnp.float32) / jnp.maximum(n_sel, 1.0)
   token_dropped = ~jnp.any(kept, axis=-1)
   p = r.probs.astype(jnp.float32)
-  entropy_T = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
   return {
       "load": load_E,
       "max_over_mean_load": load_E.max() * load_E.shape[0],
       "dropped_fraction": dropped,
       "tokens_dropped_fraction": _mean_over_tokens(token_dropped.astype(jnp.float32),
                                                    r.token_mask),
-      "router_entropy": _mean_over_tokens(entropy_T, r.token_mask),
+      "router_entropy": router_entropy_loss(r),  # the loss's value (r is stop-gradient)
       "top1_prob": _mean_over_tokens(p.max(-1), r.token_mask),
       **k_metrics(sel, kept, r.token_mask),
   }

@@ -54,6 +54,17 @@ def place(mesh, variables):
   return jax.device_put(nn.unbox(variables), shardings)
 
 
+def _run_on_mesh(fn, variables, x, shape):
+  """fn(params, moe_bias, x) with the variables and x placed on a mesh of `shape`, on host."""
+  import jax
+  from moe import sharding
+  mesh = mesh_of(shape)
+  placed = place(mesh, variables)
+  xs = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed")))
+  with sharding.activate(mesh):
+    return jax.device_get(fn(*split(placed), xs))
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
@@ -135,14 +146,10 @@ def case_layer_matches_one_device():
     plain = jax.device_get(fn(*split(variables), x))
     assert not calls, "the one-device run must not take the expert-parallel path"
     for shape in meshes:
-      mesh = mesh_of(shape)
-      placed = place(mesh, variables)
-      xs = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed")))
-      with sharding.activate(mesh):
-        out = fn(*split(placed), xs)
+      out = _run_on_mesh(fn, variables, x, shape)
       assert calls, "the mesh run did not take the expert-parallel path"
       calls.clear()
-      err = _max_rel_err(plain, jax.device_get(out))
+      err = _max_rel_err(plain, out)
       stats = plain[0][1][0]
       print(f"layer {name} {shape} rel_err={err:.2e} "
             f"dropped={float(stats['dropped_fraction']):.3f}")
@@ -195,7 +202,6 @@ def case_adaptive_layer_matches_one_device():
   """Adaptive k on a mesh: output, gradients, every sown statistic (mean k, k histogram) and the
   threshold (and bias) update equal one device: the controller sees the global mean k."""
   import jax
-  from moe import sharding
   for name, (kwargs, meshes) in ADAPTIVE_CASES.items():
     x, variables, fn = _layer_problem(kwargs)
     plain = jax.device_get(fn(*split(variables), x))
@@ -205,12 +211,7 @@ def case_adaptive_layer_matches_one_device():
     if "top_p" in state:
       assert float(state["top_p"]) != kwargs["top_p"]  # the controller moved it
     for shape in meshes:
-      mesh = mesh_of(shape)
-      placed = place(mesh, variables)
-      xs = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed")))
-      with sharding.activate(mesh):
-        out = fn(*split(placed), xs)
-      err = _max_rel_err(plain, jax.device_get(out))
+      err = _max_rel_err(plain, _run_on_mesh(fn, variables, x, shape))
       print(f"adaptive {name} {shape} rel_err={err:.2e} mean_k={mean_k:.3f}")
       assert err < 2e-5, (name, shape, err)
   print("ok")

@@ -11,8 +11,8 @@ so MoE layers route with `moe.eval_capacity_factor`), captures every MoE layer's
 layer (`moe.inference.analysis_stats` defines each number): load per expert, mean k and drop
 fraction, mean k per kind of token (`moe.inference.token_kinds`: whitespace, keyword,
 identifier, ...; exact for the byte tokenizer, approximate where decoding one token alone drops
-its leading space, as SentencePiece does); vocabulary specialization (top tokens and a score per expert); domain specialization
-(per expert, the share of its tokens from each source); co-activation (an E x E matrix); and
+its leading space, as SentencePiece does); vocabulary specialization (top tokens and a score per
+expert); domain specialization (per expert, the share of its tokens from each source); co-activation (an E x E matrix); and
 router saturation (how much of the final checkpoint's top-k sets each earlier checkpoint kept in
 `workdir/checkpoints/` already chooses, on the same tokens). `moe.inference.analysis_report`
 writes `workdir/analysis/`: `analysis.json`, `report.html` (one file, figures embedded) and the
@@ -234,7 +234,8 @@ def run(cfg, workdir: str, *, text_file: str | None = None,
             "num_experts": E, "num_selected": int(cfg.moe.num_selected),
             "k_rule": str(cfg.moe.get("k_rule", "fixed")),
             "eval_capacity_factor": cfg.moe.eval_capacity_factor,
-            "load": {}, "token_kinds": {}, "vocabulary": {}, "domains": {}, "coactivation": {}, "saturation": []}
+            "load": {}, "token_kinds": {}, "vocabulary": {}, "domains": {}, "coactivation": {},
+            "saturation": []}
   for name, r in final:
     result["load"][name] = stats.layer_load(r, E)
     result["token_kinds"][name] = stats.by_kind(r, kind_N, kinds_lib.KINDS)

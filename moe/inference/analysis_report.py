@@ -176,8 +176,8 @@ def _kinds_table(result: dict) -> str:
   per_layer = result.get("token_kinds") or {}
   if not per_layer:
     return "<p>No token kinds.</p>"
-  kinds = list(next(iter(per_layer.values())))
   first = next(iter(per_layer.values()))
+  kinds = list(first)
   rows = [["share of tokens"] + [f"{first[k]['share']:.3f}" for k in kinds]]
   for name, d in per_layer.items():
     rows.append([html.escape(name)] + [

@@ -332,4 +332,3 @@ class MoeLayer(nn.Module):
         "top_p": jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
         "bias_norm": bias_norm,
     })
-

@@ -16,8 +16,9 @@ Strategies:
   einsum     GShard: one-hot dispatch tensor [G,T,E,C] and einsums. Capacity only.
   gather     rows ordered (expert, group, slot) in an [E, G*C, D] buffer filled by a gather,
              batched matmul over E, gathered back. Capacity only.
-  grouped    rows sorted by expert, each expert's run padded to a tile; a loop over the used
-             tiles runs each tile's expert FFN (grouped.py). Dropless and capacity.
+  grouped    rows sorted by expert: a batched block of each expert's first ~mean rows, the
+             rest in one-expert tiles run by a loop over the used tiles (grouped.py). Dropless
+             and capacity.
   ragged     rows sorted by expert, `jax.lax.ragged_dot` with per-expert group sizes (the XLA
              grouped matmul; megablox-like kernels on TPU/GPU). Dropless and capacity.
   megablox   rows sorted by expert as in `ragged`, JAX's Pallas TPU grouped matmul (megablox
@@ -44,6 +45,8 @@ on a TPU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -60,10 +63,12 @@ CAPACITY_ONLY = ("einsum", "gather")
 
 # What "auto" resolves to: (with a capacity, dropless) per backend.
 # - cpu: experiments/bench_moe_layer.py on the 2-core machine (BENCHMARKS.md), under launch.py's
-#   allocator setting. With a capacity the tile loop (`grouped`) wins while each expert has many
-#   rows and the batched `gather` wins when it has few (T=8192, K=2, cf 1.25, rows per expert
-#   G*C: E=8 2560 rows grouped 1.26x dense vs gather 1.39x; E=16 1280: 1.32 vs 1.42; E=32 640:
-#   1.50 vs 1.48; E=64 320: 1.66 vs 1.45; E=256 80: 2.48 vs 1.90), hence CPU_GATHER_BELOW.
+#   allocator setting. `grouped` (a batched block of about the mean rows per expert plus tiles for
+#   the overflow) skips a capacity buffer's empty slots; the batched `gather` computes them but
+#   reads each expert's weights once, which wins when each expert has very few rows (T=8192,
+#   K=2, cf 1.25, whole layer fwd+bwd over dense, rows per expert G*C: E=8 2560 rows, grouped
+#   1.18x vs gather 1.40x; E=32 640: 1.35 vs 1.46; E=64 320: 1.45 vs 1.55; E=128 160: 1.67 vs
+#   1.68; E=256 80: 2.14 vs 2.02), hence CPU_GATHER_BELOW.
 # - gpu: experiments/accelerator_check.py on one H200, jax 0.11.2, bf16, T=65536 D=2048 F=1408:
 #   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
 #   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a
@@ -77,7 +82,7 @@ AUTO = {
     "tpu": ("gather", "ragged"),
 }
 
-CPU_GATHER_BELOW = 1024  # rows per expert (G*C) under which `auto` takes gather on CPU
+CPU_GATHER_BELOW = 128  # rows per expert (G*C) under which `auto` takes gather on CPU
 
 
 # Strategies that run only on some backends (a kernel written for one kind of chip).
@@ -187,19 +192,15 @@ def _gather(x_GTD, routing, w_in, w_gate, w_out, activation):
   return rows.combine_rows(y_ERD.reshape(E * G * C, D), w_NK, layout).reshape(G, T, D)
 
 
-def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation):
+def _grouped(x_GTD, routing, w_in, w_gate, w_out, activation, rows_per_expert):
   G, T, D = x_GTD.shape
   E = w_in.shape[0]
-  A = routing.expert_index.size
-  # Valid assignments per expert: A / E on average, at most G*C with a capacity (expert choice
-  # routing has K = E, so A / E would overstate it).
-  rows_per_expert = A / E if routing.capacity is None else min(A / E, G * routing.capacity)
-  tile = grouped.choose_tile(int(rows_per_expert * E), E)
+  bulk, tile = grouped.plan(rows_per_expert)
   layout, tile_expert, num_tiles = rows.tiled_layout(
-      routing.expert_index, routing.slot, E, tile)
+      routing.expert_index, routing.slot, E, tile, bulk)
   x_RD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
   y_RD = grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
-                                      tile=tile, activation=activation)
+                             tile=tile, activation=activation, bulk=bulk)
   w_NK = masked_weights(routing.combine_weights, routing.slot).reshape(G * T, -1)
   return rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
@@ -216,11 +217,10 @@ def _ragged(x_GTD, routing, w_in, w_gate, w_out, activation):
   return rows.combine_rows(y_RD, w_NK, layout).reshape(G, T, D)
 
 
-def _megablox(x_GTD, routing, w_in, w_gate, w_out, activation):
+def _megablox(x_GTD, routing, w_in, w_gate, w_out, activation, rows_per_expert):
   G, T, D = x_GTD.shape
   E = w_in.shape[0]
   A = routing.expert_index.size
-  rows_per_expert = A / E if routing.capacity is None else min(A / E, G * routing.capacity)
   tm = megablox.row_tile(rows_per_expert)
   layout, counts = rows.packed_layout(routing.expert_index, routing.slot, E)
   x_RD = rows.dispatch_rows(x_GTD.reshape(G * T, D), layout)
@@ -235,9 +235,26 @@ _IMPLS = {"reference": _reference, "einsum": _einsum, "gather": _gather, "groupe
           "ragged": _ragged, "megablox": _megablox}
 
 
+def planned_rows(routing: Routing, num_experts: int, planned_k: float | None = None) -> float:
+  """Valid rows an expert is expected to get: G*T*planned_k / E (planned_k: the mean choices per
+  token, default K), at most G*C with a capacity (expert choice has K = E, where T*K / E would
+  overstate it)."""
+  G, T, K = routing.expert_index.shape
+  rows_ = G * T * (K if planned_k is None else planned_k) / num_experts
+  if routing.capacity is not None:
+    rows_ = min(rows_, G * routing.capacity)
+  return rows_
+
+
 def apply_experts(x_GTD, routing: Routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,
-                  activation: str, strategy: str = "auto") -> jax.Array:
-  """y_GTD = sum_k combine_weights * FFN_{expert_index}(x) over kept assignments (module doc)."""
+                  activation: str, strategy: str = "auto",
+                  planned_k: float | None = None) -> jax.Array:
+  """y_GTD = sum_k combine_weights * FFN_{expert_index}(x) over kept assignments (module doc).
+
+  `planned_k`: the mean choices per token the router is expected to make (an adaptive k makes
+  fewer than its K slots; default K). It sizes `grouped`'s batched block and `megablox`'s row
+  tile (`planned_rows`), never the result.
+  """
   G = x_GTD.shape[0]
   rows_per_expert = None if routing.capacity is None else G * routing.capacity
   strategy = resolve_strategy(strategy, routing.capacity, rows_per_expert=rows_per_expert)
@@ -246,5 +263,9 @@ def apply_experts(x_GTD, routing: Routing, w_in_EDF, w_gate_EDF_or_None, w_out_E
   w_in = w_in_EDF.astype(dtype)
   w_gate = None if w_gate_EDF_or_None is None else w_gate_EDF_or_None.astype(dtype)
   w_out = w_out_EFD.astype(dtype)
-  y = _IMPLS[strategy](x_GTD, routing, w_in, w_gate, w_out, activation)
+  impl = _IMPLS[strategy]
+  if strategy in ("grouped", "megablox"):
+    impl = functools.partial(
+        impl, rows_per_expert=planned_rows(routing, w_in.shape[0], planned_k))
+  y = impl(x_GTD, routing, w_in, w_gate, w_out, activation)
   return y.astype(dtype)

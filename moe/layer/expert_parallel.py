@@ -135,7 +135,7 @@ class ExpertParallel:
   # ------------------------------------------------------------------------------ experts
 
   def apply_experts(self, x_GTD, routing, w_in_EDF, w_gate_EDF_or_None, w_out_EFD, *,
-                    activation: str, strategy: str = "auto"):
+                    activation: str, strategy: str = "auto", planned_k: float | None = None):
     """`moe.layer.dispatch.apply_experts` semantics, experts split over the mesh (module doc)."""
     capacity = routing.capacity
     # Same errors as one device; the result is used by the dropless path only.
@@ -165,8 +165,10 @@ class ExpertParallel:
         occupied_ER = (lay.row_assign < expert_index.size).reshape(E, G * C)
         if expert_axis is not None:
           occupied_ER = jax.lax.all_to_all(occupied_ER, expert_axis, 0, 1, tiled=True)
+        # A buffer row is occupied with probability planned_k / E (one token, one expert).
+        k = expert_index.shape[-1] if planned_k is None else planned_k
         y_ERD = _occupied_rows_ffn(x_ERD, occupied_ER, w_in, w_gate, w_out, activation,
-                                   strategy)
+                                   strategy, k / E)
       else:
         y_ERD = dispatch.expert_ffn(x_ERD, w_in, w_gate, w_out, activation)  # batched over E
       if tensor_axis is not None:
@@ -202,9 +204,11 @@ def _axis_arg(axes: tuple[str, ...]):
   return axes[0] if len(axes) == 1 else axes
 
 
-def _occupied_rows_ffn(x_ERD, occupied_ER, w_in, w_gate, w_out, activation, strategy):
+def _occupied_rows_ffn(x_ERD, occupied_ER, w_in, w_gate, w_out, activation, strategy,
+                       occupied_fraction):
   """FFN of expert e on the occupied rows of x[e] (zeros elsewhere), through the dispatch
-  module's dropless strategies: each row is a one-choice "token" with weight 1."""
+  module's dropless strategies: each row is a one-choice "token" with weight 1, and about
+  `occupied_fraction` of the rows are expected to be occupied."""
   E, R, D = x_ERD.shape
   n = E * R
   row = jnp.arange(n, dtype=jnp.int32)
@@ -216,7 +220,8 @@ def _occupied_rows_ffn(x_ERD, occupied_ER, w_in, w_gate, w_out, activation, stra
       probs=jnp.zeros((1, n, E), jnp.float32), logits=jnp.zeros((1, n, E), jnp.float32),
       token_mask=occupied_ER.reshape(1, n), capacity=None)
   y = dispatch.apply_experts(x_ERD.reshape(1, n, D), r, w_in, w_gate, w_out,
-                             activation=activation, strategy=strategy)
+                             activation=activation, strategy=strategy,
+                             planned_k=occupied_fraction)
   return y.reshape(E, R, D)
 
 

@@ -141,6 +141,7 @@ class Experts(nn.Module):
   expert_mlp: str = "swiglu"
   strategy: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  planned_k: float | None = None  # mean choices per token (an adaptive k's target); None: K
 
   @nn.compact
   def __call__(self, x_GTD, routing: routing_lib.Routing):
@@ -154,9 +155,8 @@ class Experts(nn.Module):
     cast = lambda w: None if w is None else w.astype(self.dtype)
     ep = expert_parallel.context(rows=x_GTD.shape[0])
     apply = dispatch.apply_experts if ep is None else ep.apply_experts
-    y_GTD = apply(x_GTD.astype(self.dtype), routing, cast(w_in), cast(w_gate),
-                                   cast(w_out), activation=self.expert_mlp,
-                                   strategy=self.strategy)
+    y_GTD = apply(x_GTD.astype(self.dtype), routing, cast(w_in), cast(w_gate), cast(w_out),
+                  activation=self.expert_mlp, strategy=self.strategy, planned_k=self.planned_k)
     return y_GTD.astype(self.dtype)
 
 
@@ -293,7 +293,7 @@ class MoeLayer(nn.Module):
 
     # The strategy ("auto" included) is resolved, and a bad one refused, by apply_experts.
     y_GTD = Experts(e, cfg.expert_hidden, cfg.expert_mlp, cfg.dispatch, self.dtype,
-                    name="experts")(x_GTD, routing)
+                    planned_k(cfg), name="experts")(x_GTD, routing)
     y_BLD = y_GTD.reshape(g * t, d)[:n].reshape(b, l, d)
     if cfg.num_shared_experts:
       shared_hidden = cfg.shared_expert_hidden or cfg.expert_hidden

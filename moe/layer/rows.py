@@ -84,21 +84,28 @@ def packed_layout(expert_index_GTK, slot_GTK, num_experts: int):
   return RowLayout(_invert(row_assign, A), row_assign, A), counts
 
 
-def tiled_layout(expert_index_GTK, slot_GTK, num_experts: int, tile: int):
-  """Rows sorted by expert, each expert's run padded up to a multiple of `tile` rows.
+def tiled_layout(expert_index_GTK, slot_GTK, num_experts: int, tile: int, bulk: int = 0):
+  """Rows sorted by expert in two parts: each expert's first `bulk` assignments in a block of
+  `bulk` rows (rows e*bulk .. (e+1)*bulk, zero-padded; the buffer's first E*bulk rows reshape to
+  [E, bulk, D]), then the rest (all of them when bulk = 0) in tiles: each expert's remaining run
+  padded up to a multiple of `tile` rows, so every tile holds one expert.
 
-  R = tile * (ceil(A / tile) + E) is a static upper bound. Returns (layout, tile_expert[n_tiles]
-  expert of each tile (clamped to E-1 past the used ones), num_used_tiles scalar int32).
+  R = E*bulk + tile * (ceil(max(A - bulk, 0) / tile) + E), a static upper bound. Returns
+  (layout, tile_expert[n_tiles] expert of each tile (clamped to E-1 past the used ones),
+  num_used_tiles scalar int32).
   """
   order, rank, counts, key_sorted = sorted_counts(expert_index_GTK, slot_GTK, num_experts)
   A = order.shape[0]
-  n_tiles = -(-A // tile) + num_experts
-  R = n_tiles * tile
-  tiles_per_expert = -(-counts // tile)  # [E]
+  n_tiles = -(-max(A - bulk, 0) // tile) + num_experts
+  base = num_experts * bulk
+  R = base + n_tiles * tile
+  tiles_per_expert = -(-jnp.maximum(counts - bulk, 0) // tile)  # [E]
   tile_end = jnp.cumsum(tiles_per_expert)  # inclusive
   tile_start = tile_end - tiles_per_expert
   key_c = jnp.minimum(key_sorted, num_experts - 1)
-  row_sorted = jnp.where(key_sorted < num_experts, tile_start[key_c] * tile + rank, R)
+  row_tiles = base + tile_start[key_c] * tile + rank - bulk
+  row_sorted = jnp.where(rank < bulk, key_c * bulk + rank, row_tiles)
+  row_sorted = jnp.where(key_sorted < num_experts, row_sorted, R)
   row_of = jnp.full((A,), R, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
   tile_expert = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right")
   tile_expert = jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32)

@@ -202,9 +202,11 @@ def test_every_strategy_matches_reference_and_skips_unselected_rows(capacity):
   assert used.sum() < 0.75 * used.size  # far fewer than G*T*K
   _, packed = rows.packed_layout(r.expert_index, r.slot, E)
   np.testing.assert_array_equal(np.asarray(packed), counts)
-  tile = grouped.choose_tile(int(used.sum()), E)
+  tile = 8
+  for bulk in (0, grouped.plan(used.sum() / E)[0]):
+    _, _, num_tiles = rows.tiled_layout(r.expert_index, r.slot, E, tile, bulk)
+    assert int(num_tiles) == int(sum(-(-max(c - bulk, 0) // tile) for c in counts))
   _, _, num_tiles = rows.tiled_layout(r.expert_index, r.slot, E, tile)
-  assert int(num_tiles) == int(sum(-(-c // tile) for c in counts))
   if capacity is None:  # dropless: fewer tiles of the loop run than fixed top-K would need
     fixed = R.top_k_routing(logits, num_selected=K, capacity=None, padding_mask=mask)
     _, _, fixed_tiles = rows.tiled_layout(fixed.expert_index, fixed.slot, E, tile)

@@ -92,9 +92,16 @@ def test_strategy_matches_reference(strategy, capacity, activation):
   for seed in SEEDS:
     kr, kp, kq = jax.random.split(jax.random.PRNGKey(seed), 3)
     # C=9 with skewed logits guarantees drops (expert 0 wants far more than 9 per group).
-    routing = make_routing(kr, capacity=capacity, skew=1.5 if capacity else 0.0)
+    # Dropless, the skew makes expert 0 overflow `grouped`'s block into its tiles while other
+    # experts leave block rows empty.
+    routing = make_routing(kr, capacity=capacity, skew=1.5)
     if capacity is not None:
       assert int(jnp.sum(routing.slot < 0)) > int(jnp.sum(~routing.token_mask)) * K
+    else:
+      counts = np.bincount(np.asarray(routing.expert_index)[np.asarray(routing.slot) >= 0],
+                           minlength=E)
+      bulk = grouped.plan(dispatch.planned_rows(routing, E))[0]
+      assert counts.max() > bulk > counts.min()
     x, w_in, w_gate, w_out = make_params(kp, activation)
     proj = jax.random.normal(kq, x.shape)
     args = (x, w_in, w_gate, w_out, routing.combine_weights, routing, proj)
@@ -175,36 +182,52 @@ def test_dropless_with_everything_on_one_expert(strategy):
   routing = make_routing(jax.random.PRNGKey(9), capacity=None, skew=50.0, pad_fraction=0.0)
   assert bool(jnp.all(routing.expert_index[..., 0] == 0))
   x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(10), "swiglu")
-  got = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
-                               strategy=strategy)
   want = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
                                 strategy="reference")
-  assert_close(got, want, 1e-5, strategy)
+  # planned_k only sizes grouped's block (and megablox's row tile): 0.25 leaves most rows to the
+  # tiles, 8 makes a block far larger than any expert but expert 0 needs.
+  for planned_k in (None, 0.25, 8.0):
+    got = dispatch.apply_experts(x, routing, w_in, w_gate, w_out, activation="swiglu",
+                                 strategy=strategy, planned_k=planned_k)
+    assert_close(got, want, 1e-5, f"{strategy}, planned_k {planned_k}")
 
 
-@pytest.mark.parametrize("tile", [1, 8, 64])
-def test_grouped_ffn_any_tile_matches_per_row_ffn(tile):
-  """The tile loop on its own: each row gets its tile's expert's FFN; the gradients too."""
+@pytest.mark.parametrize("tile,bulk", [(1, 0), (8, 0), (64, 0), (8, 16), (4, 24), (16, 40)])
+def test_grouped_ffn_any_tile_matches_per_row_ffn(tile, bulk):
+  """The block and the tile loop on their own: each row gets its expert's FFN; the gradients too.
+  bulk 0: tiles only; 16 / 24: every expert spills into tiles; 40: some experts spill, the others
+  leave empty rows in the block (36 to 46 valid rows per expert here)."""
   routing = make_routing(jax.random.PRNGKey(11), capacity=None)
   x, w_in, w_gate, w_out = make_params(jax.random.PRNGKey(12), "swiglu")
   layout, tile_expert, num_tiles = rows.tiled_layout(
-      routing.expert_index, routing.slot, E, tile)
+      routing.expert_index, routing.slot, E, tile, bulk)
   x_RD = rows.dispatch_rows(x.reshape(G * T, D), layout)
   R = layout.num_rows
-  row_expert = np.repeat(np.asarray(tile_expert), tile)
-  used = np.arange(R) < int(num_tiles) * tile
-  # Layout invariants: every placed assignment sits in a tile of its own expert, rows unique.
+  row_expert = np.concatenate([np.repeat(np.arange(E), bulk), np.repeat(np.asarray(tile_expert),
+                                                                         tile)])
+  used = np.arange(R) < E * bulk + int(num_tiles) * tile
+  # Layout invariants: every placed assignment sits in its own expert's block or tiles, rows
+  # unique, an expert's first `bulk` assignments in the block.
   row_of = np.asarray(layout.row_of)
   placed = row_of < R
+  experts = np.asarray(routing.expert_index).reshape(-1)
+  counts = np.bincount(experts[placed], minlength=E)
   assert placed.sum() == int(jnp.sum(routing.slot >= 0))
   assert len(np.unique(row_of[placed])) == placed.sum()
-  assert np.all(row_expert[row_of[placed]] == np.asarray(routing.expert_index).reshape(-1)[placed])
+  assert np.all(row_expert[row_of[placed]] == experts[placed])
   assert np.all(used[row_of[placed]])
-  assert int(num_tiles) <= -(-placed.sum() // tile) + E
+  assert R == E * bulk + tile * (-(-(routing.slot.size - bulk) // tile) + E)
+  np.testing.assert_array_equal(np.bincount(experts[placed & (row_of < E * bulk)], minlength=E),
+                                np.minimum(counts, bulk))
+  assert int(num_tiles) == sum(-(-max(c - bulk, 0) // tile) for c in counts)
+  if bulk in (16, 24):
+    assert np.all(counts > bulk)
+  if bulk == 40:
+    assert np.sum(counts < bulk) >= 2 and int(num_tiles) > 0
 
   def by_tiles(x_RD, w_in, w_gate, w_out):
     return grouped.grouped_ffn(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out,
-                                        tile=tile, activation="swiglu")
+                               tile=tile, activation="swiglu", bulk=bulk)
 
   def by_rows(x_RD, w_in, w_gate, w_out):
     e = jnp.asarray(row_expert)

@@ -318,6 +318,9 @@ def bench_moe(ctx, s, entry, data, peak, limit) -> dict:
   row["est_s"] = round(estimate_seconds(s, strategy, cap, groups, peak), 3)
   if not_timed(strategy):
     row["skipped"] = not_timed(strategy)
+  elif flag == "triton" and not triton_lowering_shipped():
+    row["skipped"] = ("this jax wheel lacks jax._src.lax.pallas_lowerings, which the flag "
+                      "imports (jax-ml/jax#40888)")
   elif row["est_gb"] > ctx.args.mem_limit_gb:
     row["skipped"] = f"estimated {row['est_gb']:.0f} GB > {ctx.args.mem_limit_gb:.0f} GB"
   elif row["est_s"] > 2.0:
@@ -340,6 +343,16 @@ def bench_moe(ctx, s, entry, data, peak, limit) -> dict:
   except Exception as e:  # noqa: BLE001
     row["error"] = ctx.error(f"layer_bench/{row['shape']}/{strategy}/{row['routing']}", e)
   return row
+
+
+def triton_lowering_shipped() -> bool:
+  """Whether the installed jax has the module its Pallas/Triton ragged_dot flag imports (the
+  released wheels 0.10.0-0.11.2 do not: the flag then fails every call, jax-ml/jax#40888)."""
+  import importlib.util
+  try:
+    return importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None
+  except ModuleNotFoundError:
+    return False
 
 
 @contextlib.contextmanager

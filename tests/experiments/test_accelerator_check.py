@@ -114,3 +114,27 @@ def test_a_kernel_the_backend_lacks_is_skipped_with_the_reason(monkeypatch):
   row = accel_layer.corr_row(Ctx(), "ragged", "float32", "dropless", None, 0.0, {"out": 1.0},
                              lambda: {"out": 1.0})
   assert row["pass"] is True and "skipped" not in row
+
+
+def test_the_triton_variant_is_skipped_where_jax_lacks_its_module(monkeypatch):
+  """jax's Pallas/Triton ragged_dot flag imports a module the released wheels do not ship; the
+  check then skips that variant with the reason instead of failing on it."""
+  jax = pytest.importorskip("jax")
+  monkeypatch.syspath_prepend(os.path.join(REPO, "experiments"))
+  import importlib.util
+  import types
+  import accel_layer
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  ctx = types.SimpleNamespace(cfg={}, args=types.SimpleNamespace(mem_limit_gb=60.0),
+                              left=lambda section: 100.0)
+  shape = {"T": 64, "D": 8, "F": 8, "E": 4, "K": 2}
+  assert ("ragged", None, None, "triton") in accel_layer.bench_entries(gpu=True)
+  monkeypatch.setattr(accel_layer, "triton_lowering_shipped", lambda: False)
+  row = accel_layer.bench_moe(ctx, shape, ("ragged", None, None, "triton"), None, 1e12, 10.0)
+  assert "jax-ml/jax#40888" in row["skipped"] and "ms" not in row, row
+  try:
+    shipped = importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None
+  except ModuleNotFoundError:
+    shipped = False
+  monkeypatch.undo()
+  assert accel_layer.triton_lowering_shipped() == shipped

@@ -72,7 +72,7 @@ def main() -> None:
            f"process under launch.py's allocator setting ({ALLOCATOR}).", "",
            "| round | MoE tokens/s | dense tokens/s | MoE / dense |", "| --- | --- | --- | --- |"]
   lines += [f"| {r} | {m:.0f} | {d:.0f} | {q:.2f} |" for r, m, d, q in rows]
-  lines += ["", f"Median ratio {median:.2f} (target >= 0.85: "
+  lines += ["", f"Median ratio {median:.3f} (target >= 0.85: "
             f"{'reached' if median >= 0.85 else 'NOT reached'})."]
   text = "\n".join(lines) + "\n"
   print(text)

@@ -17,6 +17,9 @@ BENCHMARKS.md:
    to one SwiGLU FFN of width F on the same T*K rows (same FLOPs). This is the floor of any
    strategy that runs each expert's rows through its own matmuls: what remains when routing,
    padding and data movement cost nothing.
+3. How the dropless `grouped` layer splits the rows its own router sends it (counts, not times):
+   the batched block of the mean rows per expert, the overflow rows run in tiles (each tile reads
+   its expert's weights again), and the block's empty rows.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moe.layer import dispatch  # noqa: E402
+from moe.layer import grouped  # noqa: E402
 from moe.layer import routing as routing_lib  # noqa: E402
 from moe.layer.config import MoeConfig  # noqa: E402
 from moe.layer.modules import MoeLayer  # noqa: E402
@@ -110,6 +114,24 @@ def batched_fns(E, seed=0):
   return lambda: jax.block_until_ready(step(x, w))
 
 
+def block_facts(E, seed=0):
+  """How the dropless `grouped` layer lays out the rows its own router (at initialisation, the
+  benchmark's) sends it: block rows per expert, overflow rows and their tiles, empty block rows."""
+  cfg = MoeConfig(num_experts=E, num_selected=K, expert_hidden=F, capacity_factor=None,
+                  dispatch="grouped")
+  k = jax.random.split(jax.random.PRNGKey(seed), 2)
+  x = jax.random.normal(k[0], (1, T, D))
+  params = flax.linen.meta.unbox(MoeLayer(cfg).init(k[1], x, train=True)["params"])
+  logits = jnp.einsum("GTD,DE->GTE", x, params["router"]["kernel"])
+  routing = routing_lib.top_k_routing(logits, num_selected=K, capacity=None)
+  bulk, tile = grouped.plan(dispatch.planned_rows(routing, E))
+  counts = jnp.bincount(routing.expert_index.reshape(-1), length=E)
+  over = jnp.maximum(counts - bulk, 0)
+  return {"E": E, "bulk": bulk, "tile": tile, "tiles": int(jnp.sum(-(-over // tile))),
+          "overflow": int(jnp.sum(over)), "busy": int(jnp.sum(over > 0)),
+          "empty": int(jnp.sum(jnp.maximum(bulk - counts, 0))), "max": int(counts.max())}
+
+
 def ratio(a, b):
   return statistics.median(x[0] / y[0] for x, y in zip(a, b))
 
@@ -151,7 +173,7 @@ def gemm_table():
   return out
 
 
-def render(meta, fb_rows, gemm_rows, wall_s):
+def render(meta, fb_rows, gemm_rows, split_rows, wall_s):
   lines = [SECTION, "",
            f"Measured {meta['date']} on {machine()}; {versions()}.",
            f"Command: `{command_line()}`. Load average before/after: {meta['load_before']} / "
@@ -170,6 +192,15 @@ def render(meta, fb_rows, gemm_rows, wall_s):
             "| E | rows per expert | batched ms | one FFN ms | ratio |", "| --- | --- | --- | --- | --- |"]
   for E, m, b, d, r in gemm_rows:
     lines.append(f"| {E} | {m} | {b:.1f} | {d:.1f} | {r:.2f} |")
+  lines += ["", "How the dropless `grouped` layer lays out the rows its own router (at "
+            "initialisation, as in the tables above) sends it (`grouped.plan`): a batched block "
+            "of the mean rows per expert, the overflow in tiles, each tile reading its expert's "
+            "[D, F] weights again:", "",
+            "| E | block rows x E | busiest expert's rows | experts over the block | overflow "
+            "rows | tiles | empty block rows |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for f in split_rows:
+    lines.append(f"| {f['E']} | {f['bulk']} x {f['E']} | {f['max']} | {f['busy']} | "
+                 f"{f['overflow']} | {f['tiles']} of {f['tile']} | {f['empty']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -178,7 +209,8 @@ def main():
   t0 = time.perf_counter()
   fb = fwd_bwd_table()
   gm = gemm_table()
-  text = render(meta, fb, gm, time.perf_counter() - t0)
+  sp = [block_facts(E) for E in EXPERTS]
+  text = render(meta, fb, gm, sp, time.perf_counter() - t0)
   print(text)
   if args.output:
     write_section(args.output, SECTION, text)

@@ -72,7 +72,9 @@ CAPACITY_ONLY = ("einsum", "gather")
 # - gpu: experiments/accelerator_check.py on one H200, jax 0.11.2, bf16, T=65536 D=2048 F=1408:
 #   gather 1.44x / 1.38x dense at (E=64, K=6) / (E=8, K=2); dropless, grouped 7.7x / 8.1x while
 #   ragged was 8.7x at E=8 and failed at E=64 (XLA rewrote ragged_dot's weight gradient as a
-#   dense [E, T*K, D] product and ran out of memory). ROCm follows CUDA, unmeasured.
+#   dense [E, T*K, D] product and ran out of memory). That grouped was the tile loop alone; the
+#   batched block it runs now (like gather's matmuls) is not measured on GPU yet. ROCm follows
+#   CUDA, unmeasured.
 # - tpu: not measured (nor is megablox, which is why auto does not pick it).
 AUTO = {
     "cpu": ("grouped", "grouped"),  # with a capacity: gather below CPU_GATHER_BELOW rows per expert

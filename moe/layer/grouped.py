@@ -69,7 +69,7 @@ def _forward_loop(x_RD, tile_expert, num_tiles, w_in, w_gate, w_out, tile, activ
 
 
 def _bulk_forward(x_ECD, w_in, w_gate, w_out, activation):
-  """The bulk block: every expert's FFN on its own [C, D] rows, one batched matmul each."""
+  """The block: every expert's FFN on its own [C, D] rows, one batched matmul per weight."""
   h_in = jnp.einsum("ECD,EDF->ECF", x_ECD, w_in)
   h_gate = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate) if activation == "swiglu" else None
   y = jnp.einsum("ECF,EFD->ECD", activate(h_in, h_gate, activation), w_out)
@@ -77,7 +77,7 @@ def _bulk_forward(x_ECD, w_in, w_gate, w_out, activation):
 
 
 def _bulk_backward(x_ECD, w_in, w_gate, w_out, h_in, h_gate, dy_ECD, activation):
-  """(dx, dw_in, dw_gate, dw_out) of the bulk block, from the saved pre-activations."""
+  """(dx, dw_in, dw_gate, dw_out) of the block, from the saved pre-activations."""
   act = activate(h_in, h_gate, activation)
   dw_out = jnp.einsum("ECF,ECD->EFD", act, dy_ECD)
   d_in, d_gate = activate_bwd(h_in, h_gate, jnp.einsum("ECD,EFD->ECF", dy_ECD, w_out), activation)
@@ -91,7 +91,7 @@ def _bulk_backward(x_ECD, w_in, w_gate, w_out, h_in, h_gate, dy_ECD, activation)
 
 
 def _split(x_RD, num_experts, bulk):
-  """(bulk block [E, bulk, D], tile rows) of a buffer laid out by rows.tiled_layout."""
+  """(the block [E, bulk, D] or None, the tile rows) of a buffer laid out by rows.tiled_layout."""
   if not bulk:
     return None, x_RD
   n = num_experts * bulk
@@ -145,7 +145,7 @@ def _grouped_ffn_bwd(tile, activation, bulk, res, dy_RD):
       dx_t = dx_t + jax.lax.dot_general(d_gate, _expert(w_gate, e), dims_wt)
     return _put_rows(dx, dx_t, i, tile), dw_in, dw_gate, dw_out
 
-  if bulk:  # the loop adds the tiles' weight gradients to the bulk block's
+  if bulk:  # the loop adds the tiles' weight gradients to the block's
     dx_b, dw_in, dw_gate, dw_out = _bulk_backward(x_ECD, w_in, w_gate, w_out, h_in_b, h_gate_b,
                                                   dy_ECD, activation)
   else:

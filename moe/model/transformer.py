@@ -168,13 +168,7 @@ class Transformer(nn.Module):
         cache_index = index.value
       else:
         cache_index = jnp.zeros((), jnp.int32)
-    if positions is None:
-      start = 0 if cache_index is None else cache_index
-      positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
-    if segment_ids is None:
-      segment_ids = jnp.ones((B, L), jnp.int32)
-    positions = positions.astype(jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
+    positions, segment_ids = _default_positions(positions, segment_ids, B, L, cache_index)
 
     # Embedding std 1/sqrt(D): unit-scale logits when tied; pre-norm blocks normalise their
     # input, so the residual stream's initial scale does not matter to the first block.
@@ -189,25 +183,17 @@ class Transformer(nn.Module):
       x_BLD = x_BLD + jnp.take(pos_table, positions, axis=0).astype(dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
 
-    block_cls = Block
-    if cfg.remat:
-      block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      scanned = nn.scan(block_cls,
-                        variable_axes={"params": 0, "cache": 0, "intermediates": 0,
-                                       "moe_bias": 0},
-                        split_rngs={"params": True, "jitter": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                        length=cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BLD, _ = scanned(cfg, use_moe=cfg.moe is not None, train=train, decode=decode,
-                         name="blocks")(x_BLD, positions, segment_ids, cache_index)
-    else:
-      for i in range(cfg.num_layers):
-        x_BLD, _ = block_cls(cfg, use_moe=cfg.is_moe_layer(i), train=train, decode=decode,
-                             name=f"block_{i}")(x_BLD, positions, segment_ids, cache_index)
-
+    x_BLD = _blocks(cfg, x_BLD, positions, segment_ids, cache_index, train, decode)
     x_BLD = Norm(cfg, name="final_norm")(x_BLD)
+    logits_BLV = self._output_logits(x_BLD, embedding, dtype)
+
+    if decode and not self.is_initializing():
+      index.value = cache_index + L
+    return logits_BLV
+
+  def _output_logits(self, x_BLD, embedding, dtype):
+    """float32 logits [B, L, V]: the tied embedding or an output kernel, then the soft cap."""
+    cfg = self.config
     if cfg.tie_embeddings:
       logits_BLV = project(x_BLD, embedding.astype(dtype).T, 1,
                            preferred_element_type=jnp.float32)  # "bld,vd->blv"
@@ -220,11 +206,39 @@ class Transformer(nn.Module):
     if cfg.logits_soft_cap is not None:
       cap = cfg.logits_soft_cap
       logits_BLV = cap * jnp.tanh(logits_BLV / cap)
-    logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
+    return nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
 
-    if decode and not self.is_initializing():
-      index.value = cache_index + L
-    return logits_BLV
+
+def _default_positions(positions, segment_ids, B, L, cache_index):
+  """int32 positions (default: 0.., or the cache index on) and segment ids (default: all 1)."""
+  if positions is None:
+    start = 0 if cache_index is None else cache_index
+    positions = jnp.broadcast_to(start + jnp.arange(L, dtype=jnp.int32), (B, L))
+  if segment_ids is None:
+    segment_ids = jnp.ones((B, L), jnp.int32)
+  return positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+
+
+def _blocks(cfg, x_BLD, positions, segment_ids, cache_index, train, decode):
+  """The num_layers blocks, as one `nn.scan` ("blocks", params stacked on a "layers" axis) or
+  unrolled ("block_0", ...); called inside Transformer.__call__, so they are its submodules."""
+  block_cls = Block
+  if cfg.remat:
+    block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(block_cls,
+                      variable_axes={"params": 0, "cache": 0, "intermediates": 0, "moe_bias": 0},
+                      split_rngs={"params": True, "jitter": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BLD, _ = scanned(cfg, use_moe=cfg.moe is not None, train=train, decode=decode,
+                       name="blocks")(x_BLD, positions, segment_ids, cache_index)
+    return x_BLD
+  for i in range(cfg.num_layers):
+    x_BLD, _ = block_cls(cfg, use_moe=cfg.is_moe_layer(i), train=train, decode=decode,
+                         name=f"block_{i}")(x_BLD, positions, segment_ids, cache_index)
+  return x_BLD
 
 
 def init_cache(model: Transformer, batch_size: int, max_len: int | None = None):

@@ -95,13 +95,7 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
     shape = tuple(target.shape)
     src = _source_of(path)
     if src[0] == "fresh":
-      if path in init:
-        out[path] = np.asarray(init[path], np.float32)
-      else:  # router [.., D, E], shared w_in/w_gate [.., D, SF], w_out [.., SF, D]: fan-in axis -2
-        out[path] = fresh_init(shape, _path_key(seed, path))
-      if tuple(out[path].shape) != shape:
-        raise ConfigError(f"upcycle: init param {_name(path)} has shape {out[path].shape}, "
-                          f"the model needs {shape}")
+      out[path] = _fresh_leaf(path, shape, init, seed)
       continue
     dpath = src[1]
     if dpath not in dense:
@@ -117,20 +111,42 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
                           f"checkpoint but {shape} in the MoE model (only the FFN may change)")
       out[path] = w
       continue
-    # Expert weights: dense [.., D, F] / [.., F, D] -> [.., E, D, F] / [.., E, F, D].
-    e_axis = len(shape) - 3
-    expected = shape[:e_axis] + shape[e_axis + 1:]
-    if len(shape) < 3 or tuple(w.shape) != expected:
-      raise ConfigError(
-          f"upcycle: dense param {_name(dpath)} has shape {tuple(w.shape)} but MoE param "
-          f"{_name(path)} needs {expected} per expert (shape {shape}): the dense model.d_ff "
-          f"must equal moe.expert_hidden (={cfg.moe.expert_hidden}) and model.d_model must match")
-    copies = np.broadcast_to(np.expand_dims(w, e_axis), shape).astype(np.float32)
-    if noise > 0:
-      n = np.asarray(jax.random.normal(_path_key(seed, path), shape, np.float32))
-      copies = copies * (1.0 + noise * n)
-    out[path] = np.ascontiguousarray(copies)
+    out[path] = _expert_leaf(path, dpath, w, shape, noise, seed, cfg.moe.expert_hidden)
+  _check_all_used(dense, used)
+  return trees.unflatten(out)
 
+
+def _fresh_leaf(path, shape, init, seed):
+  """A param the dense model lacks: from `init` (the MoE model's own initialisation) if given,
+  else drawn here (router [.., D, E], shared w_in/w_gate [.., D, SF], w_out [.., SF, D]: fan-in
+  axis -2)."""
+  out = (np.asarray(init[path], np.float32) if path in init
+         else fresh_init(shape, _path_key(seed, path)))
+  if tuple(out.shape) != shape:
+    raise ConfigError(f"upcycle: init param {_name(path)} has shape {out.shape}, "
+                      f"the model needs {shape}")
+  return out
+
+
+def _expert_leaf(path, dpath, w, shape, noise, seed, expert_hidden):
+  """Expert weights: dense [.., D, F] / [.., F, D] copied to [.., E, D, F] / [.., E, F, D],
+  each copy times (1 + noise * N(0, 1)) when noise > 0."""
+  e_axis = len(shape) - 3
+  expected = shape[:e_axis] + shape[e_axis + 1:]
+  if len(shape) < 3 or tuple(w.shape) != expected:
+    raise ConfigError(
+        f"upcycle: dense param {_name(dpath)} has shape {tuple(w.shape)} but MoE param "
+        f"{_name(path)} needs {expected} per expert (shape {shape}): the dense model.d_ff "
+        f"must equal moe.expert_hidden (={expert_hidden}) and model.d_model must match")
+  copies = np.broadcast_to(np.expand_dims(w, e_axis), shape).astype(np.float32)
+  if noise > 0:
+    n = np.asarray(jax.random.normal(_path_key(seed, path), shape, np.float32))
+    copies = copies * (1.0 + noise * n)
+  return np.ascontiguousarray(copies)
+
+
+def _check_all_used(dense, used):
+  """ConfigError naming the first dense param the MoE model has no place for."""
   left = sorted(p for p in dense if p not in used)
   if left:
     p = left[0]
@@ -138,4 +154,3 @@ def upcycle_params(dense_params, abstract_moe_params, cfg, init_params=None):
            "model.attention_bias=False)" if p[-1].startswith("b_") and "mlp" in p else "")
     raise ConfigError(f"upcycle: dense param {_name(p)} (shape {tuple(np.shape(dense[p]))}) has "
                       f"no place in the MoE model{why}")
-  return trees.unflatten(out)

@@ -182,15 +182,7 @@ class Generator:
                top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                capture_routing: bool = False) -> Completion:
     S = self.cfg.max_len
-    prompt_ids = list(prompt_ids)
-    if not prompt_ids:
-      raise ConfigError("the prompt is empty: give some text to continue")
-    if max_new_tokens < 1:
-      raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    room = max(1, S - max_new_tokens)
-    if len(prompt_ids) > room:  # no rolling cache: keep the prompt's last tokens
-      prompt_ids = prompt_ids[-room:]
-    budget = min(max_new_tokens, S - len(prompt_ids))
+    prompt_ids, budget = _fit_prompt(prompt_ids, max_new_tokens, S)
     prefill, step = self._compiled(capture_routing)
     base = jax.random.PRNGKey(int(seed))
     temperature = jnp.float32(temperature)
@@ -228,20 +220,36 @@ class Generator:
         routing.append(routing_per_layer(inter, 1))
     if stopped != "stop":
       text = completion_text(self.tokenizer, prompt_ids, ids)
-    merged = None
     if capture_routing and ids and stopped != "eos" and len(prompt_ids) + len(ids) <= cache_size:
       # Feed the last token once more, only to see how it is routed.
       _, _, cache, inter = step(self.variables, cache, jnp.int32(ids[-1]), base, temperature,
                                 top_p)
       routing.append(routing_per_layer(inter, 1))
-    if capture_routing:
-      merged = []
-      for j, (name, _) in enumerate(routing[0]):
-        merged.append((name, {k: np.concatenate([r[j][1][k] for r in routing])
-                              for k in routing[0][j][1]}))
+    merged = _merge_routing(routing) if capture_routing else None
     return Completion(prompt_ids=prompt_ids, ids=ids, text=text,
                       logits=np.stack(all_logits) if all_logits else np.zeros((0,)),
                       stopped=stopped, routing=merged)
+
+
+def _fit_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_len: int):
+  """(the prompt's last tokens that leave room for the completion, the tokens to generate);
+  ConfigError for an empty prompt or max_new_tokens < 1. There is no rolling cache."""
+  prompt_ids = list(prompt_ids)
+  if not prompt_ids:
+    raise ConfigError("the prompt is empty: give some text to continue")
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  room = max(1, max_len - max_new_tokens)
+  if len(prompt_ids) > room:
+    prompt_ids = prompt_ids[-room:]
+  return prompt_ids, min(max_new_tokens, max_len - len(prompt_ids))
+
+
+def _merge_routing(routing):
+  """Per-call [(layer name, {key: array})] lists -> one list, each array concatenated over the
+  calls (prefill first, then one row per generated token)."""
+  return [(name, {k: np.concatenate([r[j][1][k] for r in routing]) for k in routing[0][j][1]})
+          for j, (name, _) in enumerate(routing[0])]
 
 
 def load(cfg, workdir: str) -> Generator:

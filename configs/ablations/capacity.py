@@ -31,7 +31,10 @@ experiments/ablation_results/POWER.md): 6.38 one-core minutes a seed, so 60 minu
 (`--sweep_shard=0/2` and `1/2` side by side) afford 18 seeds, 216 runs; projected from the measured
 paired sd, the detectable effects fall by a factor of about 3.7 (e.g. top-1 vs top-2 at 1.25:
 0.0052 -> 0.0014 nats; Switch Table 1's 0.008 gap of top-1 at 1.25 over 1.0 would need 54 seeds at
-the measured sd 0.023, so it stays not testable). The committed results are still the 3-seed run.
+the measured sd 0.023, so it stays not testable). Re-run at 18 seeds on 2026-12-01 (two shards,
+`--workdir=runs/capacity_s22`): 216 runs in 62 min 58 s (7395 s of training); the measured sd
+at 18 seeds was smaller than at 3, so claim A became testable (detectable 0.0072 < 0.008).
+Results in experiments/ablation_results/capacity/.
 """
 
 from configs.ablations import _base

@@ -61,6 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 from moe.layer import dispatch  # noqa: E402
 from moe.layer import grouped  # noqa: E402
 from moe.layer import routing as routing_lib  # noqa: E402
+from moe.layer import rows as rows_lib  # noqa: E402
 from moe.layer.config import MoeConfig  # noqa: E402
 from moe.layer.modules import MoeLayer  # noqa: E402
 
@@ -125,9 +126,10 @@ def block_facts(E, seed=0):
   logits = jnp.einsum("GTD,DE->GTE", x, params["router"]["kernel"])
   routing = routing_lib.top_k_routing(logits, num_selected=K, capacity=None)
   bulk, tile = grouped.plan(dispatch.planned_rows(routing, E))
+  _, _, num_tiles = rows_lib.tiled_layout(routing.expert_index, routing.slot, E, tile, bulk)
   counts = jnp.bincount(routing.expert_index.reshape(-1), length=E)
   over = jnp.maximum(counts - bulk, 0)
-  return {"E": E, "bulk": bulk, "tile": tile, "tiles": int(jnp.sum(-(-over // tile))),
+  return {"E": E, "bulk": bulk, "tile": tile, "tiles": int(num_tiles),
           "overflow": int(jnp.sum(over)), "busy": int(jnp.sum(over > 0)),
           "empty": int(jnp.sum(jnp.maximum(bulk - counts, 0))), "max": int(counts.max())}
 
